@@ -1,0 +1,1 @@
+"""The canonical harmonized schema and every data contract written against it."""

@@ -1,0 +1,1 @@
+"""Flower apps that train the glucose twin across hospitals."""

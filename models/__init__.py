@@ -1,0 +1,1 @@
+"""Twin models: the mechanistic UVA/Padova simulator and the learned glucose surrogates."""

@@ -1,0 +1,10 @@
+"""Test-wide settings: no phoning home from Flower, no writes to the user's home."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+os.environ.setdefault("FLWR_HOME", tempfile.mkdtemp(prefix="twinfed-flwr-home-"))
