@@ -12,12 +12,11 @@ from dataclasses import dataclass, fields, replace
 
 import numpy as np
 
-from models.uva_padova.ode import UvaPadovaRhs
+from models.uva_padova.ode import SUBSTEPS, advance_minutes, pack_parameters
 from models.uva_padova.params import PatientParams
 from models.uva_padova.pump import PumpSpec, get_pump
 from models.uva_padova.sensor import CGMSensorSpec
 
-EAT_RATE_G_PER_MIN = 5.0  # simglucose's T1DPatient.EAT_RATE
 RESET_READINGS = 2  # simglucose's env reads the sensor twice at t=0 before the first step
 
 
@@ -162,14 +161,17 @@ def simulate(
     step0 = 0 if start is None else start.step
     noise = sensor.noise(sensor_seeds, step0 + steps + RESET_READINGS)
     state = initial_state(params, sensor, noise) if start is None else start
-    rhs = UvaPadovaRhs(params)
+    packed = pack_parameters(params)
     vg = params.values["Vg"]
 
-    x = state.x.copy()
-    planned, last_cho = state.planned_meal_g.copy(), state.last_cho_g.copy()
-    eating, last_qsto, last_food = state.eating.copy(), state.last_qsto_mg.copy(), state.last_food_g.copy()
+    x = np.ascontiguousarray(state.x, dtype=np.float64).copy()
+    # Eating bookkeeping rows, as advance_minutes reads them.
+    eat = np.stack(
+        [state.planned_meal_g, state.last_cho_g, state.eating.astype(float), state.last_qsto_mg, state.last_food_g]
+    ).astype(np.float64)
     last_cgm, cgm_obs = state.last_cgm.copy(), state.cgm_obs.copy()
     since_treat = state.since_hypo_treat_min.copy()
+    meals_g = np.ascontiguousarray(meals_g, dtype=np.float64)
 
     bg = np.empty((n, minutes + 1))
     bg[:, 0] = x[12] / vg
@@ -183,47 +185,38 @@ def simulate(
     treat_out = np.zeros((n, steps))
     recorded: list[SimState] = []
 
+    def snapshot(step: int) -> SimState:
+        return SimState(
+            step, x.copy(), eat[0].copy(), eat[1].copy(), eat[2] > 0, eat[3].copy(), eat[4].copy(),
+            last_cgm.copy(), cgm_obs.copy(), since_treat.copy(),
+        )  # fmt: skip
+
     for k in range(steps):
         if record_states:
-            recorded.append(
-                SimState(step0 + k, x.copy(), planned.copy(), last_cho.copy(), eating.copy(),
-                         last_qsto.copy(), last_food.copy(), last_cgm.copy(), cgm_obs.copy(), since_treat.copy())
-            )  # fmt: skip
+            recorded.append(snapshot(step0 + k))
         treat = _hypo_treatment_g(dosing, cgm_obs, since_treat)
         treat_out[:, k] = treat
         since_treat = np.where(treat > 0, 0.0, since_treat) + st
         bolus_rate = _bolus_u(dosing, k, cgm_obs) / st
         basal = pump.deliver_basal(dosing.basal_u_per_min[:, k])
         bolus = pump.deliver_bolus(bolus_rate)
-        insulin = basal + bolus
         basal_out[:, k] = basal
         bolus_out[:, k] = bolus * st
+        window = slice(k * st, (k + 1) * st)
+        x = advance_minutes(
+            x, packed, eat, meals_g[:, window], treat, basal + bolus, SUBSTEPS,
+            bg[:, k * st + 1 : (k + 1) * st + 1], eaten[:, window], vg,
+        )  # fmt: skip
+        # The sensor holds its last reading until the interval ends; the controller sees the mean.
         held_sum = np.zeros(n)
-        for m in range(st):
-            minute = k * st + m
-            planned = planned + meals_g[:, minute] + (treat if m == 0 else 0.0)
-            to_eat = np.where(planned > 0, np.minimum(EAT_RATE_G_PER_MIN, planned), 0.0)
-            planned = np.maximum(planned - to_eat, 0.0)
-            starts = (to_eat > 0) & (last_cho <= 0)
-            last_qsto = np.where(starts, x[0] + x[1], last_qsto)
-            last_food = np.where(starts, 0.0, last_food)
-            eating = eating | starts
-            last_food = last_food + np.where(eating, to_eat, 0.0)
-            eating = eating & ~((to_eat <= 0) & (last_cho > 0))
-            last_cho = to_eat
-            eaten[:, minute] = to_eat
-
-            drive = rhs.meal_drive(to_eat, last_qsto + last_food * 1000.0)
-            x = rhs.advance_minute(x, drive, insulin)
-            bg[:, minute + 1] = x[12] / vg
-            if m == st - 1:
-                last_cgm = sensor.measure(bg[:, minute + 1], noise[:, step0 + k + RESET_READINGS])
+        for _ in range(st - 1):
             held_sum += last_cgm / st
-        cgm_obs = held_sum
+        last_cgm = sensor.measure(bg[:, (k + 1) * st], noise[:, step0 + k + RESET_READINGS])
+        cgm_obs = held_sum + last_cgm / st
         cgm[:, k + 1] = last_cgm
         cgm_seen[:, k + 1] = cgm_obs
 
-    final = SimState(step0 + steps, x, planned, last_cho, eating, last_qsto, last_food, last_cgm, cgm_obs, since_treat)
+    final = snapshot(step0 + steps)
     step_states = None
     if record_states:
         recorded.append(final)

@@ -37,7 +37,9 @@ def test_every_subcommand_has_help(name: str) -> None:
 def test_simulate_writes_consistent_tables(tmp_path: Path) -> None:
     """`twinfed simulate` writes one row per patient, per minute of BG and per CGM sample."""
     out = tmp_path / "sim"
-    result = runner.invoke(app, ["simulate", "--patients", "4", "--days", "1", "--sensor", "GuardianRT", "--out", str(out)])
+    result = runner.invoke(
+        app, ["simulate", "--patients", "4", "--days", "1", "--sensor", "GuardianRT", "--out", str(out)]
+    )
     assert result.exit_code == 0, result.output
     patients = pl.read_parquet(out / "patients.parquet")
     glucose = pl.read_parquet(out / "glucose.parquet")
