@@ -1,0 +1,1 @@
+"""Demo hospitals: simulated raw exports of records, device data and images, with faults and PHI."""
