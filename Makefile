@@ -34,6 +34,7 @@ lint: venv
 
 bench: venv
 	$(BIN)/python bench/simulator.py
+	$(BIN)/python bench/sites.py
 
 # Refresh requirements.lock from what pip resolves for pyproject.toml in a scratch venv.
 lock:

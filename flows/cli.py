@@ -11,6 +11,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from flows.demo_sites.generate import SiteSummary, generate_sites
+from flows.demo_sites.profile import DEFAULT_PROFILES_DIR, ProfileError, SiteProfile, load_profiles
 from models.uva_padova.cohort import simulate_cohort
 from models.uva_padova.export import DEMO_START, cohort_summary, write_cohort
 from models.uva_padova.population import expand_population
@@ -23,6 +25,8 @@ app = typer.Typer(
     add_completion=False,
 )
 console = Console()
+sites_app = typer.Typer(help="Demo hospitals: list their profiles, generate their raw drops.", no_args_is_help=True)
+app.add_typer(sites_app, name="sites")
 
 DEFAULT_DATA_DIR = Path("data")
 
@@ -72,13 +76,89 @@ def population(
     console.print(table)
 
 
+@sites_app.command("list")
+def sites_list(
+    profiles: Annotated[Path, typer.Option(help="Folder of site profiles (*.toml).")] = DEFAULT_PROFILES_DIR,
+) -> None:
+    """List the demo hospitals defined by the site profiles."""
+    table = Table(title=f"Site profiles in {profiles}")
+    for column in ("site", "name", "format", "patients", "days", "cohort mix", "sensor", "time zone"):
+        table.add_column(column)
+    for p in _load_profiles_or_exit(profiles):
+        mix = ", ".join(f"{k} {v:g}" for k, v in p.cohort.mix.items())
+        table.add_row(
+            p.site.id,
+            p.site.name,
+            p.export.format,
+            str(p.cohort.patients),
+            str(p.cohort.days),
+            mix,
+            p.cohort.sensor,
+            p.export.time_zone,
+        )
+    console.print(table)
+
+
+@sites_app.command("generate")
+def sites_generate(
+    profiles: Annotated[Path, typer.Option(help="Folder of site profiles (*.toml).")] = DEFAULT_PROFILES_DIR,
+    data_dir: Annotated[Path, typer.Option(help="Data folder: drops/<site> and ground_truth/<site> go here.")] = (
+        DEFAULT_DATA_DIR
+    ),
+    site: Annotated[list[str] | None, typer.Option(help="Only these site ids (repeat the option).")] = None,
+    patients: Annotated[int | None, typer.Option(min=1, help="Override every profile's patient count.")] = None,
+    days: Annotated[int | None, typer.Option(min=1, help="Override every profile's number of days.")] = None,
+    workers: Annotated[int, typer.Option(min=1, help="Sites generated in parallel processes.")] = 2,
+) -> None:
+    """Write each demo hospital's raw drop (records, device data, DICOM) with faults, and its ground truth."""
+    chosen = _load_profiles_or_exit(profiles)
+    if site:
+        unknown = sorted(set(site) - {p.site.id for p in chosen})
+        if unknown:
+            raise typer.BadParameter(f"unknown site ids {unknown}", param_hint="--site")
+        chosen = [p for p in chosen if p.site.id in site]
+    chosen = [p.with_overrides(patients=patients, days=days) for p in chosen]
+    started = time.perf_counter()
+    summaries = generate_sites(chosen, data_dir, workers=workers)
+    _print_sites(summaries, time.perf_counter() - started, data_dir)
+
+
 @app.command()
 def demo(
     data_dir: Annotated[Path, typer.Option(help="Where the demo writes everything.")] = DEFAULT_DATA_DIR,
-    seed: Annotated[int, typer.Option(help="Seed of the whole demo.")] = 42,
+    profiles: Annotated[Path, typer.Option(help="Folder of site profiles (*.toml).")] = DEFAULT_PROFILES_DIR,
 ) -> None:
-    """Run the demo on embedded defaults: simulate the demo patients and summarise them."""
-    simulate(patients=30, days=2, seed=seed, sensor="Dexcom", out=data_dir / "simulated", human_error=True)
+    """Run the demo on embedded defaults: generate the three demo hospitals' drops and summarise them."""
+    sites_generate(profiles=profiles, data_dir=data_dir, site=None, patients=None, days=None, workers=2)
+
+
+def _load_profiles_or_exit(folder: Path) -> list[SiteProfile]:
+    try:
+        return load_profiles(folder)
+    except ProfileError as error:
+        console.print(f"[red]Site profile error:[/red] {error}")
+        raise typer.Exit(code=2) from error
+
+
+def _print_sites(summaries: list[SiteSummary], elapsed: float, data_dir: Path) -> None:
+    table = Table(title=f"Generated {len(summaries)} demo hospitals in {elapsed:.1f} s")
+    for column in ("site", "format", "patients x days", "files", "MB", "records", "faults injected"):
+        table.add_column(column, justify="left" if column in ("site", "format") else "right")
+    for s in summaries:
+        table.add_row(
+            s.site_id,
+            s.export_format,
+            f"{s.patients} x {s.days}",
+            str(s.files),
+            f"{s.bytes / 1e6:.1f}",
+            f"{sum(s.rows.values()):,}",
+            f"{sum(s.faults.values()):,}",
+        )
+    console.print(table)
+    console.print(
+        f"Raw drops under [bold]{data_dir / 'drops'}[/bold]; ground truth and fault manifests "
+        f"under [bold]{data_dir / 'ground_truth'}[/bold] (never read by the pipeline)."
+    )
 
 
 def _print_summary(*, run_summary: pl.DataFrame, elapsed: float, patient_days: int) -> None:

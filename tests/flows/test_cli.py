@@ -25,13 +25,29 @@ def test_top_level_help_lists_every_subcommand() -> None:
         assert name in result.output
 
 
-@pytest.mark.parametrize("name", ["simulate", "population", "demo"])
-def test_every_subcommand_has_help(name: str) -> None:
+@pytest.mark.parametrize("words", [["simulate"], ["population"], ["demo"], ["sites"], ["sites", "list"],
+                                   ["sites", "generate"]])  # fmt: skip
+def test_every_subcommand_has_help(words: list[str]) -> None:
     """Each subcommand answers --help with its own usage line."""
-    assert name in subcommands()
-    result = runner.invoke(app, [name, "--help"])
+    result = runner.invoke(app, [*words, "--help"])
     assert result.exit_code == 0, result.output
-    assert "Usage" in result.output and name in result.output
+    assert "Usage" in result.output and words[-1] in result.output
+
+
+def test_sites_generate_writes_one_drop_and_its_truth(tmp_path: Path) -> None:
+    """`twinfed sites generate --site` writes that site's drop and ground truth, and no other site's."""
+    args = ["sites", "generate", "--site", "northbridge", "--patients", "2", "--days", "1", "--data-dir", str(tmp_path)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "drops/northbridge/ehr/cgm_readings.csv").is_file()
+    assert (tmp_path / "ground_truth/northbridge/fault_manifest.jsonl").is_file()
+    assert sorted(p.name for p in (tmp_path / "drops").iterdir()) == ["northbridge"]
+
+
+def test_unknown_site_id_is_a_clear_error(tmp_path: Path) -> None:
+    """`--site` with an id no profile has fails and names the id."""
+    result = runner.invoke(app, ["sites", "generate", "--site", "atlantis", "--data-dir", str(tmp_path)])
+    assert result.exit_code != 0 and "atlantis" in result.output
 
 
 def test_simulate_writes_consistent_tables(tmp_path: Path) -> None:
