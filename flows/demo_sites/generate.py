@@ -211,6 +211,8 @@ def _write_truth(
             "bg_mg_dl": run.result.bg.astype(np.float32).ravel(),
         }
     ).with_columns(pl.col("time").dt.replace_time_zone("UTC")).write_parquet(truth / "glucose.parquet")
+    # The CGM readings as the sensor produced them (mg/dL, UTC), before export rounding, units or faults.
+    records.tables["cgm"].select("record_id", "mrn", "time", "value_mg_dl").write_parquet(truth / "cgm.parquet")
     plan = run.plan
     pl.DataFrame(
         {
