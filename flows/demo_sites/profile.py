@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import tomllib
 from datetime import date
 from pathlib import Path
 from typing import Literal
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from flows.config_files import SiteId, StrictModel, TimeZoneName, load_toml_model
 from models.uva_padova.params import COHORTS
 from models.uva_padova.sensor import sensor_names
 
@@ -29,14 +28,10 @@ FAULT_KINDS = (
 TEXT_ONLY_FAULTS = ("truncated_line", "malformed_line")
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class SiteInfo(_Strict):
+class SiteInfo(StrictModel):
     """Who the hospital is."""
 
-    id: str = Field(pattern=r"^[a-z][a-z0-9_-]{1,31}$")
+    id: SiteId
     name: str
     kind: str
     seed: int
@@ -44,7 +39,7 @@ class SiteInfo(_Strict):
     mrn_prefix: str = Field(pattern=r"^[A-Z]{2,6}$")
 
 
-class CohortSpec(_Strict):
+class CohortSpec(StrictModel):
     """Which patients the hospital treats, for how long, with which devices."""
 
     patients: int = Field(ge=1, le=100_000)
@@ -70,28 +65,19 @@ class CohortSpec(_Strict):
         return sensor
 
 
-class ExportSpec(_Strict):
+class ExportSpec(StrictModel):
     """How the hospital exports: format, units, time zone, its own column names and codes."""
 
     format: Literal["fhir", "csv", "parquet"]
-    time_zone: str
+    time_zone: TimeZoneName
     glucose_unit: Literal["mg/dL", "mmol/L"] = "mg/dL"
     weight_unit: Literal["kg", "lb"] = "kg"
     timestamp_format: str = "%Y-%m-%dT%H:%M:%S"
     csv_columns: dict[str, dict[str, str]] = Field(default_factory=dict)
     local_codes: dict[str, str] = Field(default_factory=dict)
 
-    @field_validator("time_zone")
-    @classmethod
-    def _known_zone(cls, zone: str) -> str:
-        try:
-            ZoneInfo(zone)
-        except (ZoneInfoNotFoundError, ValueError) as error:
-            raise ValueError(f"unknown IANA time zone {zone!r}") from error
-        return zone
 
-
-class ImagingSpec(_Strict):
+class ImagingSpec(StrictModel):
     """The hospital's CT acquisition settings."""
 
     manufacturer: str
@@ -108,7 +94,7 @@ class ImagingSpec(_Strict):
     transfer_syntax: Literal["ExplicitVRLittleEndian", "ImplicitVRLittleEndian", "RLELossless"]
 
 
-class SiteProfile(_Strict):
+class SiteProfile(StrictModel):
     """One demo hospital: identity, cohort, export conventions, imaging and fault rates."""
 
     site: SiteInfo
@@ -148,15 +134,7 @@ class ProfileError(ValueError):
 
 def load_profile(path: Path) -> SiteProfile:
     """Read and validate one site profile; errors name the file and the offending field."""
-    try:
-        raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as error:
-        raise ProfileError(f"{path}: not valid TOML: {error}") from error
-    try:
-        return SiteProfile.model_validate(raw)
-    except ValidationError as error:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors())
-        raise ProfileError(f"{path}: {problems}") from error
+    return load_toml_model(path, SiteProfile, ProfileError)
 
 
 def load_profiles(folder: Path = DEFAULT_PROFILES_DIR) -> list[SiteProfile]:

@@ -8,47 +8,33 @@ and the site's time zone and timestamp format.
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 from typing import Literal
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from data_contracts.vocabulary import MEASUREMENTS, UNIT_CONCEPTS, UNIT_CONVERSIONS
+from flows.config_files import SiteId, StrictModel, TimeZoneName, load_toml_model
 
 DEFAULT_MAPPINGS_DIR = Path(__file__).resolve().parents[2] / "infra" / "mappings"
 KNOWN_UNITS = set(UNIT_CONCEPTS) | {source for source, _ in UNIT_CONVERSIONS}
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class SiteFormat(_Strict):
+class SiteFormat(StrictModel):
     """The export's format, clock and date conventions."""
 
-    id: str = Field(pattern=r"^[a-z][a-z0-9_-]{1,31}$")
+    id: SiteId
     format: Literal["fhir", "csv", "parquet"]
-    time_zone: str
+    time_zone: TimeZoneName
     timestamp_format: str  # strftime format, or "epoch_ms"
     date_format: str = "%Y-%m-%d"
-
-    @field_validator("time_zone")
-    @classmethod
-    def _known_zone(cls, zone: str) -> str:
-        try:
-            ZoneInfo(zone)
-        except (ZoneInfoNotFoundError, ValueError) as error:
-            raise ValueError(f"unknown IANA time zone {zone!r}") from error
-        return zone
 
 
 def _identity_sex_codes() -> dict[str, Literal["M", "F"]]:
     return {"M": "M", "F": "F"}
 
 
-class PatientSource(_Strict):
+class PatientSource(StrictModel):
     """Where the patient list is: the identifier, sex and birth date fields."""
 
     file: str
@@ -58,7 +44,7 @@ class PatientSource(_Strict):
     sex_codes: dict[str, Literal["M", "F"]] = Field(default_factory=_identity_sex_codes)
 
 
-class MeasurementSource(_Strict):
+class MeasurementSource(StrictModel):
     """One file of measurements: its fields, and either a fixed concept or a code field with a code map."""
 
     file: str
@@ -85,7 +71,7 @@ class MeasurementSource(_Strict):
         return self
 
 
-class SiteMapping(_Strict):
+class SiteMapping(StrictModel):
     """A whole mapping file."""
 
     site: SiteFormat
@@ -107,18 +93,8 @@ class MappingError(ValueError):
 
 
 def load_mapping(path: Path) -> SiteMapping:
-    """Read and validate one site mapping file."""
-    try:
-        raw = tomllib.loads(path.read_text())
-    except FileNotFoundError as error:
-        raise MappingError(f"{path}: no such mapping file") from error
-    except tomllib.TOMLDecodeError as error:
-        raise MappingError(f"{path}: not valid TOML: {error}") from error
-    try:
-        return SiteMapping.model_validate(raw)
-    except ValidationError as error:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors())
-        raise MappingError(f"{path}: {problems}") from error
+    """Read and validate one site mapping file; errors name the file and the offending field."""
+    return load_toml_model(path, SiteMapping, MappingError)
 
 
 def mapping_for(site_id: str, folder: Path = DEFAULT_MAPPINGS_DIR) -> SiteMapping:
