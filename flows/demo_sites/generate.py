@@ -21,7 +21,7 @@ from flows.demo_sites.imaging import ImagingProfile, ImagingSubject, body_compos
 from flows.demo_sites.profile import SiteProfile
 from flows.demo_sites.records import SiteRecords, build_records
 from flows.demo_sites.site_frames import inject_row_faults, site_frames
-from flows.demo_sites.writers import WrittenDrop, write_csv, write_fhir, write_parquet
+from flows.demo_sites.writers import WrittenDrop, write_csv, write_extract_manifest, write_fhir, write_parquet
 from models.uva_padova.cohort import CohortRun, simulate_cohort
 
 STATE_EVERY_MIN = 60  # ground-truth simulator states are kept hourly
@@ -96,10 +96,12 @@ def generate_site(profile: SiteProfile, data_dir: Path) -> SiteSummary:
     ehr.mkdir()
     if profile.export.format == "fhir":
         written = write_fhir(ehr, frames, profile, records.window_end_utc, fault_rng)
-    elif profile.export.format == "csv":
-        written = write_csv(ehr, frames, profile, fault_rng)
     else:
-        written = write_parquet(ehr, frames, profile)
+        if profile.export.format == "csv":
+            written = write_csv(ehr, frames, profile, fault_rng)
+        else:
+            written = write_parquet(ehr, frames, profile)
+        write_extract_manifest(ehr, written, records.window_end_utc)
     written.faults = [replace(entry, file=f"ehr/{entry.file}") for entry in written.faults]
 
     composition = _write_imaging(profile, run, identities, clinicians, records, paths.drop, imaging_seq, written)

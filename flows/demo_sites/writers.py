@@ -353,6 +353,18 @@ def _document(row: dict, ref: dict[str, str]) -> dict:
 
 # ---------------------------------------------------------------- CSV extracts
 
+EXTRACT_MANIFEST = "extract_manifest.json"
+
+
+def write_extract_manifest(drop: Path, written: WrittenDrop, window_end: datetime) -> None:
+    """The control file an EPR extract job leaves beside its files: when it ran and rows per file."""
+    manifest = {
+        "extracted_at": (window_end + timedelta(hours=2)).isoformat(),
+        "files": [{"name": name, "rows": rows} for name, rows in written.files.items()],
+    }
+    (drop / EXTRACT_MANIFEST).write_bytes(orjson.dumps(manifest, option=orjson.OPT_INDENT_2))
+
+
 CSV_DEFAULT_COLUMNS: dict[str, dict[str, str]] = {
     "patients": {
         "mrn": "MRN",
