@@ -29,7 +29,7 @@ from pydicom.uid import (
     generate_uid,
 )
 from pydicom.valuerep import VR
-from scipy import ndimage, special
+from scipy import special
 
 TRANSFER_SYNTAXES: dict[str, UID] = {
     "ExplicitVRLittleEndian": ExplicitVRLittleEndian,
@@ -40,9 +40,6 @@ CORRUPTION_MODES = ("truncated", "garbage_header", "zero_length")
 PRIVATE_CREATOR = "TWINFED DEMO PACS"
 PRIVATE_GROUP = 0x0011
 
-# Alberta protocol thresholds (Mitsiopoulos et al. 1998; Mourtzakis et al. 2008).
-FAT_HU = (-190.0, -30.0)
-MUSCLE_HU = (-29.0, 150.0)
 
 NOISE_SD_HU = 10.0
 # Gaussian noise by table lookup: 2**16 equiprobable quantiles indexed by random uint16, about
@@ -594,53 +591,6 @@ def render_slice(
     np.copyto(image[rows, cols], organ_hu, where=canvas.labels[rows, cols] == ORGAN)
     image += np.take(_NOISE_TABLE_HU, rng.integers(0, 2**16, image.shape, dtype=np.uint16))
     return image
-
-
-def measure_body_composition(hu: np.ndarray, pixel_spacing_mm: float) -> dict[str, float]:
-    """Measure VAT, SAT and muscle areas (cm2) and mean muscle HU on an axial HU image at L3.
-
-    Fat is -190..-30 HU and muscle -29..150 HU (Alberta protocol). The body is the largest
-    object above -500 HU, holes filled. Soft tissue and bone touching the body's edge is skin;
-    the rest, holes filled, is everything inside the outer surface of the muscle wall. Fat
-    inside that is VAT, fat outside it SAT. Muscle is the soft tissue of the structures that
-    form the wall's outer surface (wall, psoas and paraspinals, joined through the spine), which
-    leaves out organs and bowel, held apart from the wall by fat.
-    """
-    pixel_cm2 = (pixel_spacing_mm / 10.0) ** 2
-    body = _largest_component(ndimage.binary_fill_holes(hu > -500.0))
-    fat = body & (hu >= FAT_HU[0]) & (hu <= FAT_HU[1])
-    soft = body & (hu >= MUSCLE_HU[0]) & (hu <= MUSCLE_HU[1])
-    labels, count = ndimage.label(body & (hu >= MUSCLE_HU[0]))
-    edge = body & ~ndimage.binary_erosion(body)
-    skin = _select(labels, count, labels[edge])
-    inside_wall = ndimage.binary_fill_holes((labels > 0) & ~skin)
-    wall_surface = inside_wall & ~ndimage.binary_erosion(inside_wall)
-    muscle = soft & _select(labels, count, labels[wall_surface])
-    muscle_pixels = int(np.count_nonzero(muscle))
-    return {
-        "visceral_fat_cm2": float(np.count_nonzero(fat & inside_wall)) * pixel_cm2,
-        "subcutaneous_fat_cm2": float(np.count_nonzero(fat & ~inside_wall)) * pixel_cm2,
-        "muscle_cm2": muscle_pixels * pixel_cm2,
-        "muscle_hu": float(hu[muscle].mean()) if muscle_pixels else float("nan"),
-    }
-
-
-def _largest_component(mask: np.ndarray) -> np.ndarray:
-    """The largest 4-connected object of a boolean mask (all False if the mask is empty)."""
-    labels, count = ndimage.label(mask)
-    if count == 0:
-        return mask
-    sizes = np.bincount(labels.ravel())
-    sizes[0] = 0
-    return labels == int(sizes.argmax())
-
-
-def _select(labels: np.ndarray, count: int, ids: np.ndarray) -> np.ndarray:
-    """Mask of the pixels whose label is one of `ids` (label 0, the background, never selected)."""
-    keep = np.zeros(count + 1, dtype=bool)
-    keep[ids] = True
-    keep[0] = False
-    return keep[labels]
 
 
 def write_ct_series(folder: Path, subject: ImagingSubject, profile: ImagingProfile, *, seed: int) -> list[Path]:

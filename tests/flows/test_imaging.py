@@ -21,12 +21,23 @@ from flows.demo_sites.imaging import (
     ImagingProfile,
     body_composition,
     corrupt_dicom,
-    measure_body_composition,
     render_slice,
     write_ct_series,
 )
+from flows.ingest.images import slice_composition
 
 AREAS = ("visceral_fat_cm2", "subcutaneous_fat_cm2", "muscle_cm2")
+
+
+def measure_body_composition(hu: np.ndarray, spacing_mm: float) -> dict[str, float]:
+    """The pipeline's own measurement (flows.ingest.images), keyed like ImagingSubject's fields."""
+    measured = slice_composition(hu, spacing_mm)
+    return {
+        "visceral_fat_cm2": measured["visceral_fat_area_cm2"],
+        "subcutaneous_fat_cm2": measured["subcutaneous_fat_area_cm2"],
+        "muscle_cm2": measured["skeletal_muscle_area_cm2"],
+        "muscle_hu": measured["muscle_attenuation_hu"],
+    }
 
 
 def hu_image(path: Path) -> tuple[np.ndarray, float]:
