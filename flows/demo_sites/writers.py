@@ -55,6 +55,11 @@ class WrittenDrop:
     faults: list[f.FaultEntry] = field(default_factory=list)
 
 
+def record_key_column(table: str) -> str:
+    """The column that identifies a record of `table` in the manifest (patients by MRN, devices by id)."""
+    return {"patients": "mrn", "devices": "device_id"}.get(table, "record_id")
+
+
 def patient_uuid(site_id: str, mrn: str) -> str:
     """The FHIR server's logical id for a patient (opaque, stable)."""
     return str(uuid.uuid5(uuid.NAMESPACE_URL, f"{site_id}/Patient/{mrn}"))
@@ -71,7 +76,7 @@ def _text_file(
     delimiter: str | None,
     rng: np.random.Generator,
     written: WrittenDrop,
-    key: str = "record_id",
+    key: str,
 ) -> None:
     """Write lines (one per frame row), damaging some; record every fault with its line number."""
     offset = 1 if header is not None else 0
@@ -130,7 +135,7 @@ def write_fhir(
             lines = cgm_observation_lines(frame, ref)
         else:
             lines = [orjson.dumps(build(row)).decode() for row in _rows(frame)]
-        key = "mrn" if table == "patients" else ("device_id" if table == "devices" else "record_id")
+        key = record_key_column(table)
         _text_file(
             drop, name, frame, lines, header=None, profile=profile, delimiter=None, rng=rng, written=written, key=key
         )
@@ -483,7 +488,7 @@ def write_csv(
         )
         text = exported.write_csv(null_value="", float_precision=None)
         header, *lines = text.rstrip("\n").split("\n")
-        key = {"patients": "mrn", "devices": "device_id"}.get(table, "record_id")
+        key = record_key_column(table)
         _text_file(
             drop, name, frame, lines, header=header, profile=profile, delimiter=",", rng=rng, written=written, key=key
         )
@@ -528,7 +533,7 @@ def write_parquet(drop: Path, frames: dict[str, pl.DataFrame], profile: SiteProf
             ).drop("kind")
         exported.drop([c for c in exported.columns if c.startswith("__")]).write_parquet(drop / name)
         written.files[name] = frame.height
-        key = {"patients": "mrn", "devices": "device_id"}.get(table, "record_id")
+        key = record_key_column(table)
         for row, (kind, fld, detail, record_key) in enumerate(
             frame.select(f.FAULT, f.FAULT_FIELD, f.FAULT_DETAIL, pl.col(key).cast(pl.String)).iter_rows()
         ):

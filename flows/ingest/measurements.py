@@ -39,7 +39,6 @@ QUARANTINE_SCHEMA = {
 class SourceLedger:
     """Row accounting for one source file of one run."""
 
-    source: str
     file: str
     rows_in: int
     exact_duplicates: int
@@ -263,7 +262,6 @@ def _quarantine_rows(failed: pl.DataFrame, reasons: dict[str, str]) -> pl.DataFr
 def _ledger(read: RawRead, duplicates: pl.DataFrame, quarantine: pl.DataFrame, accepted: pl.DataFrame) -> SourceLedger:
     file = read.file
     return SourceLedger(
-        source=file,
         file=file,
         rows_in=read.rows_in,
         exact_duplicates=duplicates.height,
