@@ -172,6 +172,11 @@ CONCEPT_SETS: dict[str, tuple[int, ...]] = {
 }
 
 
+# Largest plausible carbohydrate in one entry and insulin in one delivery record (a bolus, or one basal period).
+MAX_CARBS_G = 500.0
+MAX_INSULIN_U = 100.0
+
+
 @dataclass(frozen=True)
 class UnitRule:
     """The canonical unit of one concept in a table whose unit_concept_id depends on the row's concept."""
@@ -199,8 +204,8 @@ UNIT_RULES: dict[str, tuple[str, tuple[UnitRule, ...]]] = {
     "observation": (
         "observation_concept_id",
         (
-            UnitRule("carbohydrate_intake", v.CARBOHYDRATE_INTAKE, "g"),
-            UnitRule("bolus_carb_input", v.BOLUS_CARB_INPUT, "g"),
+            UnitRule("carbohydrate_intake", v.CARBOHYDRATE_INTAKE, "g", 0.0, MAX_CARBS_G),
+            UnitRule("bolus_carb_input", v.BOLUS_CARB_INPUT, "g", 0.0, MAX_CARBS_G),
         ),
     ),
     "image_feature": (
@@ -385,6 +390,12 @@ def _plausibility_checks(table: Table, export: datetime) -> list[Check]:
             checks.append(_end_after_start_check(table, column.name.replace("_end_", "_start_"), column.name))
     if table.name == "person":
         checks.append(_year_of_birth_check(export))
+    if table.name == "drug_exposure":
+        checks.append(
+            Check("drug_exposure.quantity.plausible_range", table.name, "plausibility", "ExpectColumnValuesToBeBetween",
+                  {"column": "quantity", "min_value": 0.0, "max_value": MAX_INSULIN_U}, 0.0,
+                  f"insulin delivered in one record must lie within 0..{MAX_INSULIN_U:g} U")
+        )  # fmt: skip
     return checks
 
 
@@ -511,15 +522,17 @@ def _quoted(identifier: str) -> str:
     return '"' + identifier.replace('"', '""') + '"'
 
 
-def export_window_check(export: datetime, lookback_days: int) -> Check:
+def export_window_check(
+    export: datetime, lookback_days: int, table: str = MEASUREMENT_TABLE, column: str = "measurement_datetime"
+) -> Check:
     """Device and EHR rows of a drop must fall in the export's look-back window (catches clock resets)."""
     start = export - timedelta(days=lookback_days)
     return Check(
-        "measurement.measurement_datetime.in_export_window",
-        MEASUREMENT_TABLE,
+        f"{table}.{column}.in_export_window",
+        table,
         "plausibility",
         "ExpectColumnValuesToBeBetween",
-        {"column": "measurement_datetime", "min_value": start, "max_value": export},
+        {"column": column, "min_value": start, "max_value": export},
         0.0,
-        f"measurement_datetime must lie in the drop's window: {lookback_days} days before the export to the export",
+        f"{column} must lie in the drop's window: {lookback_days} days before the export to the export",
     )

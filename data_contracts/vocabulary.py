@@ -88,6 +88,11 @@ INSULIN_PUMP = LOCAL_CONCEPT_BASE + 11  # SNOMED 69805005 insulin pump
 CARBOHYDRATE_INTAKE = LOCAL_CONCEPT_BASE + 2  # LOINC 9059-7, patient-logged carbohydrate
 BOLUS_CARB_INPUT = LOCAL_CONCEPT_BASE + 3  # carbohydrate entered into a pump's bolus wizard
 
+CONDITIONS = {"type_1_diabetes": TYPE_1_DIABETES}
+DEVICES = {"cgm": CGM_DEVICE, "insulin_pump": INSULIN_PUMP}
+OBSERVATIONS = {"carbohydrate_intake": CARBOHYDRATE_INTAKE, "bolus_carb_input": BOLUS_CARB_INPUT}
+DRUGS = {"insulin": INSULIN_ASPART}
+
 # Type concepts (OMOP v5.4 "Type Concept" vocabulary): where a record came from.
 TYPE_EHR = 32817
 TYPE_LAB = 32856
