@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import polars as pl
 import typer
@@ -13,6 +13,8 @@ from rich.table import Table
 
 from flows.demo_sites.generate import SiteSummary, generate_sites
 from flows.demo_sites.profile import DEFAULT_PROFILES_DIR, ProfileError, SiteProfile, load_profiles
+from flows.ingest.mapping import DEFAULT_MAPPINGS_DIR, MappingError
+from flows.site_flow import site_ingest
 from models.uva_padova.cohort import simulate_cohort
 from models.uva_padova.export import DEMO_START, cohort_summary, write_cohort
 from models.uva_padova.population import expand_population
@@ -124,12 +126,39 @@ def sites_generate(
 
 
 @app.command()
+def ingest(
+    sites: Annotated[list[str] | None, typer.Argument(help="Site ids (default: every site with a mapping).")] = None,
+    data_dir: Annotated[Path, typer.Option(help="Drops under DATA_DIR/drops, stores under DATA_DIR/sites.")] = (
+        DEFAULT_DATA_DIR
+    ),
+    mappings: Annotated[Path, typer.Option(help="Folder of site mapping files (*.toml).")] = DEFAULT_MAPPINGS_DIR,
+    force: Annotated[bool, typer.Option(help="Reprocess files already harmonized.")] = False,
+    docs: Annotated[bool, typer.Option(help="Build Great Expectations Data Docs.")] = True,
+) -> None:
+    """Run each site's flow: validate, quarantine, de-identify, harmonize, build the twin's features."""
+    chosen = sites or sorted(p.stem for p in mappings.glob("*.toml"))
+    runs = []
+    for site in chosen:
+        try:
+            runs.append(site_ingest(site, data_dir=data_dir, mappings_dir=mappings, force=force, build_docs=docs))
+        except (MappingError, FileNotFoundError) as error:
+            console.print(f"[red]{site}:[/red] {error}")
+            raise typer.Exit(code=2) from error
+    _print_ingest(runs, data_dir)
+
+
+@app.command()
 def demo(
     data_dir: Annotated[Path, typer.Option(help="Where the demo writes everything.")] = DEFAULT_DATA_DIR,
     profiles: Annotated[Path, typer.Option(help="Folder of site profiles (*.toml).")] = DEFAULT_PROFILES_DIR,
 ) -> None:
-    """Run the demo on embedded defaults: generate the three demo hospitals' drops and summarise them."""
-    sites_generate(profiles=profiles, data_dir=data_dir, site=None, patients=None, days=None, workers=2)
+    """Run the demo on embedded defaults: generate the demo hospitals' drops (if absent), then run each site's flow."""
+    chosen = _load_profiles_or_exit(profiles)
+    missing = [p for p in chosen if not (data_dir / "drops" / p.site.id).is_dir()]
+    if missing:
+        started = time.perf_counter()
+        _print_sites(generate_sites(missing, data_dir, workers=2), time.perf_counter() - started, data_dir)
+    ingest(sites=[p.site.id for p in chosen], data_dir=data_dir, mappings=DEFAULT_MAPPINGS_DIR, force=False, docs=True)
 
 
 def _load_profiles_or_exit(folder: Path) -> list[SiteProfile]:
@@ -158,6 +187,25 @@ def _print_sites(summaries: list[SiteSummary], elapsed: float, data_dir: Path) -
     console.print(
         f"Raw drops under [bold]{data_dir / 'drops'}[/bold]; ground truth and fault manifests "
         f"under [bold]{data_dir / 'ground_truth'}[/bold] (never read by the pipeline)."
+    )
+
+
+def _print_ingest(runs: list[dict[str, Any]], data_dir: Path) -> None:
+    table = Table(title="Site flows")
+    for column in ("site", "rows in", "harmonized", "quarantined", "exact duplicates", "features (patients)", "s"):
+        table.add_column(column, justify="left" if column == "site" else "right")
+    for run in runs:
+        if run["skipped"]:
+            table.add_row(run["site"], "unchanged drop: nothing to do", "", "", "", "", "")
+            continue
+        totals = {k: sum(e[k] for e in run["ledgers"]) for k in ("rows_in", "harmonized", "quarantined",
+                                                                  "exact_duplicates")}  # fmt: skip
+        table.add_row(run["site"], *(f"{totals[k]:,}" for k in totals), str(run["features"]["patients"]),
+                      f"{run['seconds']['total']:.1f}")  # fmt: skip
+    console.print(table)
+    console.print(
+        f"Harmonized tables, features, quarantine and Data Docs under [bold]{data_dir / 'sites'}/<site>[/bold]; "
+        "each run's record in runs/, its report as Prefect artifacts."
     )
 
 

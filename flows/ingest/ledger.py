@@ -11,13 +11,15 @@ from dataclasses import dataclass
 
 import polars as pl
 
-QUARANTINE_SCHEMA = {
-    "source_file": pl.String,
-    "source_position": pl.Int64,
-    "record_key": pl.String,
-    "failed_checks": pl.String,
-    "reason": pl.String,
-}
+QUARANTINE_SCHEMA = pl.Schema(
+    {
+        "source_file": pl.String(),
+        "source_position": pl.Int64(),
+        "record_key": pl.String(),
+        "failed_checks": pl.String(),
+        "reason": pl.String(),
+    }
+)
 WHOLE_FILE_CHECK = "raw.file.readable"
 
 

@@ -164,6 +164,14 @@ class MeasurementSource(_Keyed):
         return self
 
 
+class ImagingOptions(StrictModel):
+    """How the site's DICOM is de-identified: the PS3.15 Annex E options declared on top of the Basic Profile."""
+
+    date_option: Literal["remove", "shift"] = "shift"
+    keep_patient_characteristics: bool = True
+    keep_device_identity: bool = False
+
+
 EventSource = MeasurementSource | DrugSource | ObservationSource | ConditionSource | DeviceSource
 
 
@@ -179,6 +187,7 @@ class SiteMapping(StrictModel):
     conditions: dict[str, ConditionSource] = Field(default_factory=dict)
     devices: dict[str, DeviceSource] = Field(default_factory=dict)
     withheld: dict[str, str] = Field(default_factory=dict)  # file -> why it is not read
+    imaging: ImagingOptions = Field(default_factory=ImagingOptions)
 
     @property
     def sources(self) -> dict[str, EventSource]:

@@ -64,6 +64,8 @@ class RecordBatch:
     ledgers: list[SourceLedger]
     contracts: list[ContractRun]
     withheld: dict[str, str]  # file -> why it was not read
+    # The identifier DICOM's PatientID carries -> (person_id, pseudonym), for linking images; kept in memory only.
+    imaging_ids: dict[str, tuple[int, str]]
 
 
 @dataclass
@@ -92,9 +94,20 @@ def export_time(drop: Path) -> datetime:
 
 
 def ingest_records(
-    drop: Path, mapping: SiteMapping, *, secret: bytes, workdir: Path, lookback_days: int = 90, build_docs: bool = True
+    drop: Path,
+    mapping: SiteMapping,
+    *,
+    secret: bytes,
+    workdir: Path,
+    lookback_days: int = 90,
+    build_docs: bool = True,
+    skip_files: frozenset[str] = frozenset(),
 ) -> RecordBatch:
-    """Run every record and device source of the mapping through contracts and harmonization."""
+    """Run every record and device source of the mapping through contracts and harmonization.
+
+    Sources whose file is in `skip_files` (unchanged since they were last harmonized) are not read;
+    the patient list always is, since every record links through it.
+    """
     export = export_time(drop)
     site = mapping.site.id
     patients = _read_patients(drop, mapping, secret)
@@ -104,10 +117,12 @@ def ingest_records(
     person_frame = patients.frame if patients.frame is not None else pl.DataFrame()
     person_ids = _person_ids(person_frame)
     context = SourceContext(mapping, secret, person_ids, _identifier_strings(person_frame, mapping))
-    if patients.frame is not None:  # identifiers were needed for the screen only; the contract never sees them
-        patients.frame = patients.frame.drop(_IDENTIFIER_COLUMNS, strict=False)
+    listing = patients.frame
+    if listing is not None:  # identifiers are for the screen and image linking only; the contract never sees them
+        patients.frame = listing.drop(_IDENTIFIER_COLUMNS, strict=False)
     for name, source in mapping.sources.items():
-        reads.append(_read_events(drop, mapping, name, source, context))
+        if source.file not in skip_files:
+            reads.append(_read_events(drop, mapping, name, source, context))
     for item in reads:
         if item.frame is not None:
             table = f"raw_{item.name}"
@@ -158,8 +173,8 @@ def ingest_records(
         t: TABLES[t].conform(frame.join(failed_events.select(PROVENANCE[:2]), on=list(PROVENANCE[:2]), how="anti"))
         for t, frame in events.items()
     }
-    accepted["device_exposure"] = _device_spans(accepted)
-    tables = {"person": person, "observation_period": _observation_periods(accepted, site), **accepted}
+    accepted["device_exposure"] = device_spans(accepted)
+    tables = {"person": person, "observation_period": observation_periods(accepted, site), **accepted}
     all_quarantine = pl.concat(quarantine) if quarantine else empty_quarantine()
     ledgers = [_ledger(item, all_quarantine, events, accepted, person, failed_events) for item in reads]
     return RecordBatch(
@@ -169,10 +184,11 @@ def ingest_records(
         ledgers=ledgers,
         contracts=[raw, harmonized],
         withheld=dict(mapping.withheld),
+        imaging_ids=_imaging_ids(listing, person),
     )
 
 
-_IDENTIFIER_COLUMNS = ["given_name", "family_name", *(f"identifier_{i}" for i in range(32))]
+_IDENTIFIER_COLUMNS = ["imaging_id", "given_name", "family_name", *(f"identifier_{i}" for i in range(32))]
 _PERSON_REASON = {"person.quarantined": "the row's patient failed the person checks and was quarantined"}
 
 
@@ -236,6 +252,19 @@ def _patient_provenance(failed: pl.DataFrame, patients: _Read) -> pl.DataFrame:
     )  # fmt: skip
 
 
+def _imaging_ids(patients: pl.DataFrame | None, person: pl.DataFrame) -> dict[str, tuple[int, str]]:
+    if patients is None:
+        return {}
+    column = "imaging_id" if "imaging_id" in patients.columns else "patient"
+    linked = patients.join(person.select("person_id"), on="person_id", how="semi").drop_nulls(column)
+    return {
+        key: (person_id, pseudonym)
+        for key, person_id, pseudonym in zip(
+            linked[column], linked["person_id"], linked["person_source_value"], strict=True
+        )
+    }
+
+
 def _identifier_strings(patients: pl.DataFrame, mapping: SiteMapping) -> tuple[str, ...]:
     """Every direct identifier of the patient list, lower case, as free text might contain it."""
     if patients.is_empty():
@@ -285,7 +314,7 @@ def _failed_event_rows(events: dict[str, pl.DataFrame], run: ContractRun, person
     )
 
 
-def _device_spans(accepted: dict[str, pl.DataFrame]) -> pl.DataFrame:
+def device_spans(accepted: dict[str, pl.DataFrame]) -> pl.DataFrame:
     """Each device's exposure: a CGM from the patient's first to last reading, a pump over its deliveries."""
     cgm = v.MEASUREMENTS["cgm_glucose"].concept_id
     readings = (
@@ -307,7 +336,7 @@ def _device_spans(accepted: dict[str, pl.DataFrame]) -> pl.DataFrame:
     )
 
 
-def _observation_periods(accepted: dict[str, pl.DataFrame], site_id: str) -> pl.DataFrame:
+def observation_periods(accepted: dict[str, pl.DataFrame], site_id: str) -> pl.DataFrame:
     """One period per person: the first to the last day with device data (CGM, insulin or carbohydrate)."""
     stamps = pl.concat([
         accepted["measurement"].filter(pl.col("measurement_type_concept_id") == v.TYPE_DEVICE)
@@ -339,7 +368,7 @@ def _quarantine_rows(failed: pl.DataFrame, reasons: dict[str, str]) -> pl.DataFr
         .list.eval(pl.element().replace_strict(reasons, default=pl.element()))
         .list.join("; ")
         .alias("reason"),
-    ).cast(QUARANTINE_SCHEMA)  # type: ignore[arg-type]
+    ).cast(QUARANTINE_SCHEMA)
 
 
 def _ledger(

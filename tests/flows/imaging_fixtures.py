@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import re
 
 from flows.demo_sites.imaging import ImagingProfile, ImagingSubject
 
@@ -46,3 +47,18 @@ def make_subject(**changes: object) -> ImagingSubject:
         muscle_hu=36.0,
     )
     return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
+
+
+def leaked(values: set[str], data: bytes) -> set[str]:
+    """Values of at least 4 characters found in the raw bytes (digits only where not part of a longer number)."""
+    text = data.decode("latin-1")
+    found = set()
+    for value in values:
+        if len(value) < 4:  # shorter strings turn up by chance in compressed pixel data
+            continue
+        pattern = re.escape(value.encode("utf-8").decode("latin-1"))
+        if value.isdigit():
+            pattern = rf"(?<!\d){pattern}(?!\d)"
+        if re.search(pattern, text):
+            found.add(value)
+    return found

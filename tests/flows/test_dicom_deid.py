@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import re
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -16,7 +15,7 @@ import pydicom
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from imaging_fixtures import make_subject
+from imaging_fixtures import leaked, make_subject
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import UID, MRImageStorage
@@ -67,21 +66,6 @@ def walk(ds: Dataset) -> Iterator[pydicom.DataElement]:
         if elem.VR == "SQ":
             for item in elem.value:
                 yield from walk(item)
-
-
-def leaked(values: set[str], data: bytes) -> set[str]:
-    """Values of at least 4 characters found in the raw bytes (digits only where not part of a longer number)."""
-    text = data.decode("latin-1")
-    found = set()
-    for value in values:
-        if len(value) < 4:  # shorter strings turn up by chance in compressed pixel data
-            continue
-        pattern = re.escape(value.encode("utf-8").decode("latin-1"))
-        if value.isdigit():
-            pattern = rf"(?<!\d){pattern}(?!\d)"
-        if re.search(pattern, text):
-            found.add(value)
-    return found
 
 
 def subject_phi(subject: ImagingSubject, profile: ImagingProfile) -> set[str]:
