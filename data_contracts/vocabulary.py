@@ -55,9 +55,12 @@ class MeasurementConcept:
 MEASUREMENTS: dict[str, MeasurementConcept] = {
     m.key: m
     for m in (
+        # A CGM reports numbers only inside its sensor's range (39-600 mg/dL for the sensors twinfed knows;
+        # commercial ones show LO/HI outside 40-400): anything else, such as mmol/L values labelled mg/dL, is not
+        # a reading.
         MeasurementConcept(
             "cgm_glucose", LOCAL_CONCEPT_BASE + 1, "99504-3", "Glucose [Mass/volume] in Interstitial fluid",
-            "mg/dL", 20.0, 1000.0,
+            "mg/dL", 39.0, 600.0,
         ),
         MeasurementConcept(
             "plasma_glucose", 3004501, "2345-7", "Glucose [Mass/volume] in Serum or Plasma", "mg/dL", 10.0, 2000.0

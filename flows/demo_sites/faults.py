@@ -21,6 +21,8 @@ FAULT = "__fault"
 FAULT_FIELD = "__fault_field"
 FAULT_DETAIL = "__fault_detail"
 GARBLED_TIME = "__garbled_time"
+# Both rows of an injected duplicate pair: no later fault may touch them, or the copy would no longer be exact.
+RESERVED = "__reserved"
 CLOCK_RESET = datetime(2000, 1, 1)  # where a pump or CGM clock lands after a battery reset
 
 
@@ -48,7 +50,13 @@ def with_fault_columns(frame: pl.DataFrame) -> pl.DataFrame:
         pl.lit(None, dtype=pl.String).alias(FAULT_FIELD),
         pl.lit(None, dtype=pl.String).alias(FAULT_DETAIL),
         pl.lit(None, dtype=pl.String).alias(GARBLED_TIME),
+        pl.lit(False).alias(RESERVED),
     )
+
+
+def clean_rows(frame: pl.DataFrame) -> pl.Series:
+    """Rows that carry no fault and are not half of an injected duplicate pair."""
+    return frame[FAULT].is_null() & ~frame[RESERVED]
 
 
 def count_for(rate: float, eligible: int, *, at_least_one: bool) -> int:
@@ -60,7 +68,7 @@ def count_for(rate: float, eligible: int, *, at_least_one: bool) -> int:
 
 def pick_clean(frame: pl.DataFrame, count: int, rng: np.random.Generator, where: pl.Expr | None = None) -> np.ndarray:
     """Row positions of `count` rows that carry no fault yet (and satisfy `where`)."""
-    clean = frame[FAULT].is_null()
+    clean = clean_rows(frame)
     if where is not None:
         clean = clean & frame.select(where.fill_null(False)).to_series()
     candidates = np.flatnonzero(clean.to_numpy())
@@ -95,7 +103,8 @@ def set_values(frame: pl.DataFrame, rows: np.ndarray, column: str, values: np.nd
 
 
 def duplicate_rows(frame: pl.DataFrame, rows: np.ndarray, key: str) -> pl.DataFrame:
-    """Insert an exact copy right after each chosen row; the copy carries the fault."""
+    """Insert an exact copy right after each chosen row; the copy carries the fault, both rows are reserved."""
+    frame = set_values(frame, rows, RESERVED, np.full(len(rows), True))
     copies = mark(
         frame[rows], np.arange(len(rows)), "duplicate_row", None, ["exact copy of the previous record"] * len(rows)
     )

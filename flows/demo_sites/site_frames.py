@@ -134,7 +134,7 @@ def _clock_shift(cgm: pl.DataFrame, rate: float, rng: np.random.Generator) -> pl
     count = f.count_for(rate, len(patients), at_least_one=True)
     times = cgm["time"].to_numpy().copy()
     for mrn in rng.choice(patients, size=count, replace=False):
-        clean = np.flatnonzero(((cgm["mrn"] == mrn) & cgm[f.FAULT].is_null() & cgm["time"].is_not_null()).to_numpy())
+        clean = np.flatnonzero(((cgm["mrn"] == mrn) & f.clean_rows(cgm) & cgm["time"].is_not_null()).to_numpy())
         length = min(int(rng.integers(*CLOCK_SHIFT_BLOCK)), clean.size // 2)
         first = int(rng.integers(0, clean.size - length))
         block = clean[first : first + length]

@@ -85,7 +85,7 @@ def _text_file(
     for row, kind in enumerate(kinds):
         if kind is not None:
             written.faults.append(f.FaultEntry(name, kind, keys[row], fields[row], details[row], line=offset + row + 1))
-    clean = np.array([k is None for k in kinds], dtype=bool)
+    clean = f.clean_rows(frame).to_numpy()
     for kind in ("truncated_line", "malformed_line"):
         candidates = np.flatnonzero(clean)
         count = f.count_for(profile.faults.get(kind, 0), candidates.size, at_least_one=name.startswith(CGM_FILES))

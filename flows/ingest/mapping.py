@@ -133,6 +133,7 @@ class DeviceSource(_Keyed):
     serial: str
     manufacturer: str
     model: str
+    free_text: str | None = None  # a name typed in by staff: screened for identifiers, never carried forward
 
     @field_validator("kinds")
     @classmethod

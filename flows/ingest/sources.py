@@ -89,7 +89,7 @@ def source_fields(source: Source) -> dict[str, str]:
     elif isinstance(source, ConditionSource):
         names = ("date", "code")
     else:
-        names = ("kind", "serial", "manufacturer", "model")
+        names = ("kind", "serial", "manufacturer", "model", "free_text")
     fields = {"record_key": source.record_key, "patient": source.patient}
     fields |= {name: getattr(source, name) for name in names if getattr(source, name) is not None}
     return fields
@@ -99,7 +99,7 @@ def optional_fields(source: Source) -> set[str]:
     """Fields a row may leave empty."""
     if isinstance(source, DrugSource):
         return {"carb_input"}
-    if isinstance(source, ObservationSource):
+    if isinstance(source, ObservationSource | DeviceSource):
         return {"free_text"}
     return set()
 
@@ -145,6 +145,7 @@ def derive(frame: pl.DataFrame, source: Source, context: SourceContext) -> tuple
         frame = frame.with_columns(
             pl.col("kind").replace_strict(source.kinds, default=None, return_dtype=pl.String).alias("concept"),
             pseudonymize(context.secret, DEVICE_PREFIX, frame["serial"]).alias("device_pseudonym"),
+            _identifier_finding(pl.col("free_text") if source.free_text else None, context).alias(FREE_TEXT_FINDING),
         )
         readable += [Readable("concept", "kind", "the device kind must be one the site's mapping declares")]
     return frame, readable

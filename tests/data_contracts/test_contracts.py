@@ -423,7 +423,8 @@ _INSTANTS = [
     EXPORT.replace(microsecond=0),
     EXPORT.replace(microsecond=1000),
 ]
-_VALUES = [None, math.nan, 5.5, 19.99, 20.0, 100.0, 1000.0, 1000.01, 7.1, OUT_OF_RANGE_GLUCOSE]
+_VALUES = [None, math.nan, 5.5, CGM.plausible_low - 0.01, CGM.plausible_low, 100.0, CGM.plausible_high,
+           CGM.plausible_high + 0.01, 7.1, OUT_OF_RANGE_GLUCOSE]  # fmt: skip
 _UNITS = [None, CGM.unit_concept_id, HBA1C.unit_concept_id, v.UNIT_CONCEPTS["mmol/L"]]
 _CONCEPTS = [None, CGM.concept_id, CGM.concept_id, HBA1C.concept_id, 999]
 _measurement_rows = st.lists(
