@@ -18,6 +18,8 @@ import json
 import shutil
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
@@ -210,16 +212,23 @@ def site_ingest(
         logger.info("%s: every file of %s was harmonized before (run %s); nothing to do", site, drop, state["last_run"])
         return {"site": site, "run_id": run_id, "skipped": True, "previous_run": state["last_run"]}
     skip = frozenset(prints_by_path) - changed
-    records = harmonize_records(drop, mapping, secret, store.gx, skip, lookback_days, build_docs)
+    stages: dict[str, float] = {}
+    with _stage(stages, "records"):
+        records = harmonize_records(drop, mapping, secret, store.gx, skip, lookback_days, build_docs)
     imaging_changed = any(f.startswith(IMAGING_PREFIX) for f in changed)
-    images = harmonize_images(drop, mapping, secret, store, records) if imaging_changed else None
+    with _stage(stages, "imaging"):
+        images = harmonize_images(drop, mapping, secret, store, records) if imaging_changed else None
     quarantine = pl.concat([records.quarantine, *([images.quarantine] if images else [])]).cast(QUARANTINE_SCHEMA)
-    counts = publish_tables(store, site, records, images)
-    feature_counts = publish_features(store)
-    quarantine_dir = write_quarantine(store, run_id, drop, quarantine, records.duplicates)
+    with _stage(stages, "publish"):
+        counts = publish_tables(store, site, records, images)
+    records.tables.clear()  # published: free millions of rows before the features are built
+    with _stage(stages, "features"):
+        feature_counts = publish_features(store)
+    with _stage(stages, "quarantine"):
+        quarantine_dir = write_quarantine(store, run_id, drop, quarantine, records.duplicates)
     ledgers = [*records.ledgers, *([_imaging_ledger(images.ledgers)] if images else [])]
     run = _run_record(site, run_id, records, ledgers, counts, feature_counts, quarantine_dir, prints_by_path, skip,
-                      started)  # fmt: skip
+                      started, stages)  # fmt: skip
     write_json_atomic(run, store.runs / f"{run_id}.json")
     write_json_atomic({"version": state["version"], "versions": versions, "files": prints, "last_run": run_id},
                       store.state)  # fmt: skip
@@ -229,6 +238,13 @@ def site_ingest(
                 totals["rows_in"], totals["harmonized"], totals["quarantined"],
                 sum(e["exact_duplicates"] for e in run["ledgers"]), run["seconds"]["total"])  # fmt: skip
     return run
+
+
+@contextmanager
+def _stage(stages: dict[str, float], name: str) -> Iterator[None]:
+    started = time.perf_counter()
+    yield
+    stages[name] = time.perf_counter() - started
 
 
 def _state_key(secret: bytes, file: str) -> str:
@@ -264,6 +280,7 @@ def _run_record(
     prints: dict[str, str],
     skip: frozenset[str],
     started: float,
+    stages: dict[str, float],
 ) -> dict[str, Any]:
     contracts: list[ContractRun] = records.contracts
     docs = next((c.data_docs_index for c in reversed(contracts) if c.data_docs_index is not None), None)
@@ -301,7 +318,9 @@ def _run_record(
             "total": time.perf_counter() - started,
             "contracts": sum(c.seconds for c in contracts),
             "gx": sum(c.gx_seconds for c in contracts),
-        },  # fmt: skip
+            "row_flags": sum(c.row_flag_seconds for c in contracts),
+            **stages,
+        },
     }
 
 

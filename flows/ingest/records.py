@@ -133,6 +133,7 @@ def ingest_records(
     raw = run_contract(raw_tables, checks, site_id=site, suite_name="raw", workdir=workdir,
                        keys=dict.fromkeys(raw_tables, POSITION), build_docs=build_docs)  # fmt: skip
     raw_reasons = {r.check.name: r.check.description for r in raw.results}
+    del raw_tables  # the frames live on in `reads` until each is shaped into table rows below
     quarantine = [whole_file_quarantine(i.read.file, i.read.file_error) for i in reads if i.read.file_error]
     candidates: dict[str, list[pl.DataFrame]] = {}
     person_rows = PERSON.empty().with_columns(pl.lit(None, pl.Int64).alias(POSITION))
@@ -149,9 +150,11 @@ def ingest_records(
         quarantine.append(_quarantine_rows(failed, raw_reasons))
         if item.source is None:
             person_rows = _person_rows(passed)
+            item.frame = None
             continue
         for table, rows in table_rows(passed, item.source, context).items():
             candidates.setdefault(table, []).append(rows)
+        item.frame = None  # millions of device rows: free each source's raw frame once shaped
     events = {t: pl.concat(candidates[t]) if t in candidates else _no_rows(t) for t in EVENT_TABLES}
     person = PERSON.conform(person_rows)
     harmonized_input = {t: TABLES[t].conform(frame) for t, frame in events.items()} | {"person": person}
@@ -176,7 +179,7 @@ def ingest_records(
     accepted["device_exposure"] = device_spans(accepted)
     tables = {"person": person, "observation_period": observation_periods(accepted, site), **accepted}
     all_quarantine = pl.concat(quarantine) if quarantine else empty_quarantine()
-    ledgers = [_ledger(item, all_quarantine, events, accepted, person, failed_events) for item in reads]
+    ledgers = _ledgers(reads, all_quarantine, events, person, failed_events)
     return RecordBatch(
         tables=tables,
         quarantine=all_quarantine,
@@ -371,30 +374,38 @@ def _quarantine_rows(failed: pl.DataFrame, reasons: dict[str, str]) -> pl.DataFr
     ).cast(QUARANTINE_SCHEMA)
 
 
-def _ledger(
-    item: _Read,
+def _ledgers(
+    reads: list[_Read],
     quarantine: pl.DataFrame,
     events: dict[str, pl.DataFrame],
-    accepted: dict[str, pl.DataFrame],
     person: pl.DataFrame,
     failed_events: pl.DataFrame,
-) -> SourceLedger:
-    file = item.read.file
-    quarantined = quarantine.filter((pl.col("source_file") == file) & pl.col("source_position").is_not_null())
-    if item.source is None:
-        harmonized = person.height
-    else:
-        table = primary_table(item.source).name
-        rows = events[table].filter(pl.col("source_file") == file)
-        harmonized = rows.join(failed_events.select(PROVENANCE[:2]), on=list(PROVENANCE[:2]), how="anti").height
-    return SourceLedger(
-        file=file,
-        rows_in=item.read.rows_in,
-        exact_duplicates=item.duplicates.height,
-        quarantined=quarantined.select("source_position").n_unique() if quarantined.height else 0,
-        harmonized=harmonized,
-        file_error=item.read.file_error,
-    )
+) -> list[SourceLedger]:
+    """Per source file: rows in, exact duplicates, rows quarantined (each position once) and rows harmonized."""
+    quarantined = dict(
+        quarantine.filter(pl.col("source_position").is_not_null())
+        .group_by("source_file").agg(pl.col("source_position").n_unique()).iter_rows()
+    )  # fmt: skip
+    failed = dict(failed_events.group_by("source_file").len().iter_rows())
+    harmonized = {}  # source rows shaped into their primary table and not failed, per file
+    for item in reads:
+        file = item.read.file
+        if item.source is None:
+            harmonized[file] = person.height
+        else:
+            produced = events[primary_table(item.source).name].filter(pl.col("source_file") == file).height
+            harmonized[file] = produced - failed.get(file, 0)
+    return [
+        SourceLedger(
+            file=item.read.file,
+            rows_in=item.read.rows_in,
+            exact_duplicates=item.duplicates.height,
+            quarantined=quarantined.get(item.read.file, 0),
+            harmonized=harmonized[item.read.file],
+            file_error=item.read.file_error,
+        )
+        for item in reads
+    ]
 
 
 def _no_rows(table: str) -> pl.DataFrame:
