@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime, time, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
 import numpy as np
@@ -63,7 +63,7 @@ def build_records(
     pump_ids = devices.filter(pl.col("kind") == "pump")["device_id"].to_numpy()
     tables = {
         "patients": _patients(identities),
-        "conditions": _conditions(identities, rng),
+        "conditions": _conditions(identities, start.date(), rng),
         "devices": devices,
         "vitals": _vitals(run, identities, visits, start, rng),
         "labs": _labs(run, mrn, visits, start, rng),
@@ -110,8 +110,12 @@ def _patients(identities: list[Identity]) -> pl.DataFrame:
     )
 
 
-def _conditions(identities: list[Identity], rng: np.random.Generator) -> pl.DataFrame:
-    onset = [i.birth_date + timedelta(days=int(rng.integers(365, 365 * 8))) for i in identities]
+def _conditions(identities: list[Identity], first_day: date, rng: np.random.Generator) -> pl.DataFrame:
+    # Diagnosed one to eight years after birth, and at the latest a month before the device data begin (a young
+    # child's draw could otherwise land in the future).
+    latest = first_day - timedelta(days=30)
+    drawn = [i.birth_date + timedelta(days=int(rng.integers(365, 365 * 8))) for i in identities]
+    onset = [max(min(d, latest), i.birth_date) for d, i in zip(drawn, identities, strict=True)]
     return pl.DataFrame(
         {
             "record_id": _ids("DX", len(identities)),

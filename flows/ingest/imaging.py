@@ -36,11 +36,14 @@ Tables
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
+import logging
 import math
 import os
 import tempfile
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,7 +133,8 @@ def ingest_imaging(
         return ImagingBatch(IMAGE_OCCURRENCE.empty(), IMAGE_FEATURE.empty(), empty_quarantine(), [])
     images = store / IMAGING_DIR
     images.mkdir(parents=True, exist_ok=True)
-    files = _deidentify_drop(drop, folders, images, secret=secret, patients=patients, options=options)
+    with _quiet_pydicom():
+        files = _deidentify_drop(drop, folders, images, secret=secret, patients=patients, options=options)
     person_ids = {pseudonym: person_id for person_id, pseudonym in patients.values()}
     occurrences: list[dict[str, object]] = []
     features: list[dict[str, object]] = []
@@ -145,6 +149,23 @@ def ingest_imaging(
         quarantine=_quarantine_frame(files),
         ledgers=_ledgers(folders, files),
     )
+
+
+@contextlib.contextmanager
+def _quiet_pydicom() -> Iterator[None]:
+    """Keep pydicom's read warnings out of the logs: they name the source file, whose folder is an accession number.
+
+    What they report about a damaged file reaches its quarantine entry instead (as a path inside the drop).
+    """
+    logger = logging.getLogger("pydicom")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            yield
+    finally:
+        logger.setLevel(level)
 
 
 def _series_folders(drop: Path) -> list[Path]:

@@ -6,7 +6,7 @@ import csv
 import hashlib
 import io
 import json
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -383,3 +383,17 @@ def test_truth_links_every_mrn_to_a_simulated_patient(data_dir: Path) -> None:
     assert glucose.height == PATIENTS * (DAYS * 1440 + 1)
     states = np.load(paths.truth / "states_hourly.npz")
     assert states["x"].shape == (DAYS * 24 + 1, 13, PATIENTS)
+
+
+def test_diagnosis_dates_lie_between_birth_and_the_device_data() -> None:
+    """A young child's diagnosis is never drawn after the drop's data begin (it would be a false fault)."""
+    from types import SimpleNamespace
+
+    from flows.demo_sites.records import _conditions
+
+    first_day = date(2026, 3, 23)
+    births = [first_day - timedelta(days=days) for days in (400, 700, 2000, 9000)]
+    people = [SimpleNamespace(birth_date=b, mrn=f"M{i}") for i, b in enumerate(births)]
+    for seed in range(20):
+        onset = _conditions(people, first_day, np.random.default_rng(seed))["onset_date"].to_list()  # type: ignore[arg-type]
+        assert all(b <= o <= first_day - timedelta(days=30) for b, o in zip(births, onset, strict=True))
