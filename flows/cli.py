@@ -137,14 +137,16 @@ def ingest(
 ) -> None:
     """Run each site's flow: validate, quarantine, de-identify, harmonize, build the twin's features."""
     chosen = sites or sorted(p.stem for p in mappings.glob("*.toml"))
-    runs = []
-    for site in chosen:
+    runs, failed = [], []
+    for site in chosen:  # one site's failure does not stop the others
         try:
             runs.append(site_ingest(site, data_dir=data_dir, mappings_dir=mappings, force=force, build_docs=docs))
-        except (MappingError, FileNotFoundError) as error:
-            console.print(f"[red]{site}:[/red] {error}")
-            raise typer.Exit(code=2) from error
+        except (MappingError, FileNotFoundError, ValueError, RuntimeError) as error:
+            console.print(f"[red]{site}: {error}[/red] (its store keeps the last good outputs)")
+            failed.append(site)
     _print_ingest(runs, data_dir)
+    if failed:
+        raise typer.Exit(code=2)
 
 
 @app.command()

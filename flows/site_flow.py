@@ -40,7 +40,7 @@ from flows.ingest.imaging import ImagingBatch, ingest_imaging
 from flows.ingest.ledger import QUARANTINE_SCHEMA, SourceLedger
 from flows.ingest.mapping import DEFAULT_MAPPINGS_DIR, SiteMapping, mapping_for
 from flows.ingest.pseudonym import load_or_create_secret
-from flows.ingest.records import RecordBatch, device_spans, ingest_records, observation_periods
+from flows.ingest.records import RecordBatch, device_spans, export_time, ingest_records, observation_periods
 from flows.site_store import (
     SiteStore,
     fingerprint_files,
@@ -51,6 +51,8 @@ from flows.site_store import (
 )
 
 DEFAULT_DATA_DIR = Path("data")
+# Row ids are polars hashes of site, file and record key (flows/ingest/pseudonym.py): stable for one polars version.
+ID_SCHEME = f"polars-{pl.__version__}"
 IMAGING_PREFIX = "imaging/"
 # Harmonized tables a run upserts; observation_period and device spans are rebuilt from the merged store.
 UPSERTED = ("person", "measurement", "drug_exposure", "observation", "condition_occurrence", "device_exposure")
@@ -66,7 +68,7 @@ def fingerprint_drop(drop: Path) -> dict[str, str]:
     return fingerprint_files(drop)
 
 
-@task(cache_policy=NO_CACHE, persist_result=False)
+@task(retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE, persist_result=False)
 def harmonize_records(
     drop: Path, mapping: SiteMapping, secret: bytes, workdir: Path, skip: frozenset[str], lookback_days: int,
     build_docs: bool,
@@ -76,25 +78,42 @@ def harmonize_records(
                           build_docs=build_docs, skip_files=skip)  # fmt: skip
 
 
-@task(cache_policy=NO_CACHE, persist_result=False)
+@task(retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE, persist_result=False)
 def harmonize_images(
     drop: Path, mapping: SiteMapping, secret: bytes, store: SiteStore, records: RecordBatch
 ) -> ImagingBatch:
     """De-identify every DICOM file (PS3.15 Annex E) and measure each series' body composition."""
     options = DeidOptions(**mapping.imaging.model_dump())
     return ingest_imaging(drop, site_id=mapping.site.id, secret=secret, store=store.root, patients=records.imaging_ids,
-                          options=options, measured_at=datetime.now(UTC))  # fmt: skip
+                          options=options, measured_at=export_time(drop))  # fmt: skip
 
 
 @task(retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE, persist_result=False)
 def publish_tables(store: SiteStore, site_id: str, records: RecordBatch, images: ImagingBatch | None) -> dict[str, int]:
-    """Upsert the run's rows into the store's tables by key, rebuild the derived tables; return row counts."""
+    """Merge the run's rows into the store's tables; return row counts.
+
+    Rows upsert by key. A record this run quarantined withdraws the row an earlier drop harmonized under its key;
+    patients no longer on the site's patient list (or now failing its checks) leave every table; the device list
+    is replaced whole; a series whose de-identified files are gone (quarantined now) leaves the image tables.
+    Observation periods and device spans are rebuilt from the merged store.
+    """
     merged = store.read_tables()
+    roster = records.tables["person"].select("person_id")
     for table in UPSERTED:
-        merged[table] = upsert(merged[table], records.tables[table], table)
+        kept = merged[table]
+        if table in records.retracted:
+            kept = kept.filter(~pl.col(TABLES[table].key).is_in(records.retracted[table].implode()))
+        if table == "device_exposure" and records.device_sources_read:
+            kept = kept.clear()
+        merged[table] = upsert(kept, records.tables[table], table)
     if images is not None:
-        merged["image_occurrence"] = upsert(merged["image_occurrence"], images.image_occurrence, "image_occurrence")
-        merged["image_feature"] = upsert(merged["image_feature"], images.image_feature, "image_feature")
+        merged["image_occurrence"] = (
+            TABLES["image_occurrence"].conform(images.image_occurrence).sort("image_occurrence_id")
+        )
+        merged["image_feature"] = TABLES["image_feature"].conform(images.image_feature).sort("image_feature_id")
+    for table, frame in merged.items():
+        if "person_id" in frame.columns:
+            merged[table] = frame.join(roster, on="person_id", how="semi")
     merged["device_exposure"] = device_spans(merged)
     merged["observation_period"] = observation_periods(merged, site_id)
     for table, frame in merged.items():
@@ -204,8 +223,16 @@ def site_ingest(
     # DICOM folders are named by accession number, an identifier: the state keeps keyed hashes of the paths.
     prints = {_state_key(secret, file): digest for file, digest in prints_by_path.items()}
     state = store.read_state()
-    versions = {"mapping": fingerprint_text(mapping_file.read_text()), "schema": SCHEMA_VERSION,
-                "contract": CONTRACT_VERSION}  # fmt: skip
+    # Any of these changing reprocesses every file of the drop: a new patient list can link records quarantined
+    # before as "patient not in the list", a new mapping or contract can judge rows differently.
+    versions = {
+        "mapping": fingerprint_text(mapping_file.read_text()),
+        "schema": SCHEMA_VERSION,
+        "contract": CONTRACT_VERSION,
+        "patients": prints_by_path.get(mapping.patients.file),
+        "ids": ID_SCHEME,
+    }
+    _check_id_scheme(state, store)  # fmt: skip
     known = state["files"] if (not force and state.get("versions") == versions) else {}
     changed = {f for f in prints_by_path if known.get(_state_key(secret, f)) != prints_by_path[f]}
     if not changed:
@@ -242,9 +269,21 @@ def site_ingest(
 
 @contextmanager
 def _stage(stages: dict[str, float], name: str) -> Iterator[None]:
+    """Time one stage of the run into `stages`."""
     started = time.perf_counter()
     yield
     stages[name] = time.perf_counter() - started
+
+
+def _check_id_scheme(state: dict[str, Any], store: SiteStore) -> None:
+    """Refuse to mix row ids of two polars versions in one store: reruns would then duplicate rows."""
+    before = (state.get("versions") or {}).get("ids")
+    if before not in (None, ID_SCHEME):
+        raise RuntimeError(
+            f"{store.root}: its row ids were made with {before}, this install makes them with {ID_SCHEME}, and a "
+            "rerun would add every re-exported record again under a new id. Pin polars to the store's version, or "
+            f"rebuild the store: remove {store.harmonized} and {store.state} and run the flow on the latest drop."
+        )
 
 
 def _state_key(secret: bytes, file: str) -> str:

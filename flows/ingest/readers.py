@@ -82,7 +82,8 @@ def _read_csv(path: Path, file: str, fields: dict[str, str]) -> RawRead:
     header = next(csv.reader([lines[0]]))
     missing = [column for column in fields.values() if column not in header]
     if missing:
-        raise _MappingMismatch(f"columns {missing} named by the mapping are not in the header {header}")
+        # The header is not echoed: in a file without one, the first line is a patient's data.
+        raise _MappingMismatch(f"columns {missing} named by the mapping are not in the file's header (first line)")
     data = lines[1:]
     plain = ~data.str.contains('"', literal=True)
     split = data.str.split(",")

@@ -27,7 +27,7 @@ from data_contracts.contracts import Check, export_window_check, harmonized_chec
 from data_contracts.gx_runner import FAILED_CHECKS, ROW_INDEX, ContractRun, run_contract
 from data_contracts.schema import DEVICE_EXPOSURE, OBSERVATION_PERIOD, PERSON, TABLES
 from flows.ingest.ledger import QUARANTINE_SCHEMA, SourceLedger, empty_quarantine, whole_file_quarantine
-from flows.ingest.mapping import SiteMapping
+from flows.ingest.mapping import DeviceSource, DrugSource, SiteMapping
 from flows.ingest.pseudonym import PERSON_PREFIX, pseudonym_id, pseudonymize, stable_row_ids
 from flows.ingest.readers import PARSE_ERROR, POSITION, ROW_HASH, RawRead, read_source
 from flows.ingest.sources import (
@@ -66,6 +66,10 @@ class RecordBatch:
     withheld: dict[str, str]  # file -> why it was not read
     # The identifier DICOM's PatientID carries -> (person_id, pseudonym), for linking images; kept in memory only.
     imaging_ids: dict[str, tuple[int, str]]
+    # Row ids, per table, of records this run quarantined: a row an earlier drop harmonized under the same key is
+    # withdrawn from the store.
+    retracted: dict[str, pl.Series]
+    device_sources_read: bool  # the device list is a full list: the store's devices are replaced by this run's
 
 
 @dataclass
@@ -123,6 +127,7 @@ def ingest_records(
     for name, source in mapping.sources.items():
         if source.file not in skip_files:
             reads.append(_read_events(drop, mapping, name, source, context))
+    reads += [_unmapped(file) for file in unmapped_files(drop, mapping) if file not in skip_files]
     for item in reads:
         if item.frame is not None:
             table = f"raw_{item.name}"
@@ -188,11 +193,46 @@ def ingest_records(
         contracts=[raw, harmonized],
         withheld=dict(mapping.withheld),
         imaging_ids=_imaging_ids(listing, person),
+        retracted=_retracted(all_quarantine, mapping),
+        device_sources_read=any(
+            i.source is not None and primary_table(i.source).name == "device_exposure" and i.read.file_error is None
+            for i in reads
+        ),
     )
 
 
 _IDENTIFIER_COLUMNS = ["imaging_id", "given_name", "family_name", *(f"identifier_{i}" for i in range(32))]
 _PERSON_REASON = {"person.quarantined": "the row's patient failed the person checks and was quarantined"}
+
+
+MANIFESTS = ("ehr/manifest.json", "ehr/extract_manifest.json")
+
+
+def unmapped_files(drop: Path, mapping: SiteMapping) -> list[str]:
+    """Record files of the drop that the mapping neither reads nor withholds (a new export the site must map)."""
+    known = {s.file for s in mapping.sources.values()} | {mapping.patients.file} | set(mapping.withheld)
+    present = sorted(p.relative_to(drop).as_posix() for p in (drop / "ehr").rglob("*") if p.is_file())
+    return [f for f in present if f not in known and f not in MANIFESTS]
+
+
+def _unmapped(file: str) -> _Read:
+    reason = f"{file}: the site's mapping neither reads nor withholds this file; add it to the mapping"
+    return _Read(file, None, RawRead(file, pl.DataFrame(), 0, reason), _no_duplicates(), None, [])
+
+
+def _retracted(quarantine: pl.DataFrame, mapping: SiteMapping) -> dict[str, pl.Series]:
+    """Ids the quarantined records would have had in their tables (a bolus's wizard carbs included)."""
+    tables: dict[str, list[pl.Series]] = {}
+    keyed = quarantine.filter(pl.col("record_key").is_not_null() & pl.col("source_position").is_not_null())
+    for source in mapping.sources.values():
+        rows = keyed.filter(pl.col("source_file") == source.file)
+        if rows.is_empty() or isinstance(source, DeviceSource):  # devices are replaced as a whole list
+            continue
+        ids = rows.select(stable_row_ids(mapping.site.id, source.file, pl.col("record_key"))).to_series()
+        names = [primary_table(source).name] + (["observation"] if isinstance(source, DrugSource) else [])
+        for name in names:
+            tables.setdefault(name, []).append(ids)
+    return {name: pl.concat(parts) for name, parts in tables.items()}
 
 
 def _patient_fields(mapping: SiteMapping) -> dict[str, str]:
@@ -390,7 +430,9 @@ def _ledgers(
     harmonized = {}  # source rows shaped into their primary table and not failed, per file
     for item in reads:
         file = item.read.file
-        if item.source is None:
+        if item.frame is None and item.read.file_error is not None:  # unreadable or unmapped: quarantined whole
+            harmonized[file] = 0
+        elif item.source is None:
             harmonized[file] = person.height
         else:
             produced = events[primary_table(item.source).name].filter(pl.col("source_file") == file).height

@@ -231,7 +231,8 @@ def table_rows(passed: pl.DataFrame, source: Source, context: SourceContext) -> 
         )
         return {"condition_occurrence": rows}
     rows = passed.select(
-        row_id.alias("device_exposure_id"),
+        # Keyed by the serial's pseudonym: a device's record key is often its serial, which an unkeyed hash exposes.
+        stable_row_ids(site_id, source.file, pl.col("device_pseudonym")).alias("device_exposure_id"),
         "person_id",
         pl.col("concept").replace_strict(v.DEVICES, return_dtype=pl.Int32).alias("device_concept_id"),
         pl.lit(None, dtype=DEVICE_EXPOSURE.polars_schema["device_exposure_start_datetime"]).alias(

@@ -72,6 +72,20 @@ def test_a_column_the_file_lacks_is_a_file_error(data_dir: Path) -> None:
     assert read.file_error is not None and "GlucoseMgDl" in read.file_error and read.rows_in == 0
 
 
+def test_a_file_without_its_header_is_unreadable_and_its_first_row_is_not_echoed(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    """A patient list exported without its header: the error names the missing columns, not the patient in line 1."""
+    source = SitePaths.under(data_dir, "northbridge").drop / "ehr" / "patients.csv"
+    lines = source.read_text().splitlines()
+    (tmp_path / "ehr").mkdir()
+    (tmp_path / "ehr" / "patients.csv").write_text("\n".join(lines[1:]) + "\n")
+    first_patient = lines[1].split(",")
+    read = read_source(tmp_path, "ehr/patients.csv", {"patient": "HospitalNumber"}, "csv")
+    assert read.file_error is not None and "HospitalNumber" in read.file_error
+    assert not [value for value in first_patient if value and value in read.file_error]
+
+
 @pytest.mark.parametrize("site", SITES)
 def test_every_line_is_read_and_broken_lines_are_exactly_the_manifests(data_dir: Path, site: str) -> None:
     """Rows read equal the file's data lines, and parse errors sit exactly on the manifest's broken lines."""

@@ -10,15 +10,15 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from phi_fixtures import identifiers, leaks
 from prefect.client.orchestration import get_client
+from prefect.logging.handlers import APILogWorker
 from prefect.testing.utilities import prefect_test_harness
 
 from data_contracts.schema import TABLES
 from flows.demo_sites.generate import SitePaths, generate_sites
 from flows.demo_sites.profile import load_profiles
 from flows.features import read_features
-from flows.ingest.mapping import mapping_for
-from flows.ingest.readers import read_source
 from flows.site_flow import site_ingest
 from flows.site_store import SiteStore
 
@@ -85,29 +85,6 @@ def test_the_site_quarantine_holds_every_manifest_fault_and_nothing_clean(
     assert all(ledger["balanced"] for ledger in runs[site]["ledgers"])
 
 
-def identifiers(data_dir: Path, site: str) -> set[str]:
-    """Every direct identifier and free text of the drop: names, MRNs, birth dates, addresses, phones, notes."""
-    drop, mapping = SitePaths.under(data_dir, site).drop, mapping_for(site)
-    source = mapping.patients
-    fields = {f"f{i}": field for i, field in enumerate([*source.identifiers, source.birth_date, source.patient])}
-    assert source.full_name is not None
-    fields |= {"given": source.full_name[0], "family": source.full_name[1]}
-    listing = read_source(drop, source.file, fields, mapping.site.format).frame
-    found = {value for column in fields for value in listing[column].drop_nulls().to_list()}
-    found |= {f"{g} {f}" for g, f in zip(listing["given"], listing["family"], strict=True)}
-    truth = pl.read_parquet(SitePaths.under(data_dir, site).truth / "patients.parquet")
-    found |= set(truth["mrn"]) | set(truth["accession"])
-    for file in mapping.withheld:  # clinic letters: names, MRNs, phones inside free text
-        path = drop / file
-        text = path.read_text() if path.suffix != ".parquet" else pl.read_parquet(path).write_csv()
-        found |= {line[20:60] for line in text.splitlines()[1:] if len(line) > 60}
-    carbs = next(iter(mapping.observations.values()))
-    assert carbs.free_text is not None
-    notes = read_source(drop, carbs.file, {"note": carbs.free_text}, mapping.site.format).frame["note"]
-    found |= {n for n in notes.drop_nulls().to_list() if len(n) >= 10}
-    return {value for value in found if len(value) >= 5}
-
-
 def written_texts(store: SiteStore) -> dict[str, str]:
     """Everything the flow wrote at the site outside the quarantine, as text (Parquet tables as CSV)."""
     texts = {}
@@ -124,9 +101,12 @@ def written_texts(store: SiteStore) -> dict[str, str]:
 
 def test_no_identifier_reaches_tables_features_docs_artifacts_or_logs(data_dir: Path, runs: dict[str, dict]) -> None:
     """The PHI scan: none of any site's identifiers or free text in anything the flows wrote or told Prefect."""
+    APILogWorker.instance().drain()  # logs are shipped in the background: send what is pending first
     with get_client(sync_client=True) as client:
-        artifacts = [f"{a.key} {a.data} {a.description}" for a in client.read_artifacts()]
-        logs = [log.message for log in client.read_logs()]
+        artifacts = [f"{a.key} {a.data} {a.description}" for a in client.read_artifacts(limit=200)]
+        logs: list[str] = []
+        while page := client.read_logs(limit=200, offset=len(logs)):
+            logs += [log.message for log in page]
     assert any(a.startswith("northbridge-ingest-ledger") for a in artifacts)
     assert any("Data Docs: file://" in a for a in artifacts)
     assert any("harmonized" in message for message in logs)
@@ -136,10 +116,8 @@ def test_no_identifier_reaches_tables_features_docs_artifacts_or_logs(data_dir: 
         assert any(name.startswith("gx/data_docs") and name.endswith(".html") for name in written)
         assert any(name.startswith("features/") for name in written)
         assert any(name.startswith("imaging/") for name in written)
-        haystack = written | told
-        leaks = [(value, where) for value in identifiers(data_dir, site) for where, text in haystack.items()
-                 if value in text]  # fmt: skip
-        assert leaks == [], sorted({(v[:4] + "...", w) for v, w in leaks})
+        found = leaks(identifiers(data_dir, site), written | told)
+        assert found == [], sorted({(value[:4] + "...", where) for value, where in found})
 
 
 def test_features_cover_every_patient_on_a_5_minute_grid(data_dir: Path, runs: dict[str, dict]) -> None:
@@ -164,6 +142,9 @@ def test_a_rerun_changes_nothing_and_a_new_drop_is_incremental(harness: None, da
     again = site_ingest(site, data_dir=data_dir, build_docs=False)
     assert again["skipped"] is True
     assert {t: store.table_path(t).read_bytes() for t in TABLES} == before
+    forced = site_ingest(site, data_dir=data_dir, build_docs=False, force=True)  # everything read and written again
+    assert forced["skipped"] is False and forced["tables"]["image_feature"] > 0
+    assert {t: store.table_path(t).read_bytes() for t in TABLES} == before
     cgm = SitePaths.under(data_dir, site).drop / "ehr" / "cgm_readings.csv"
     header, *lines = cgm.read_text().splitlines()
     stamp = re.compile(r"^\d\d/\d\d/\d{4} \d\d:\d\d:\d\d$")
@@ -185,3 +166,48 @@ def test_a_rerun_changes_nothing_and_a_new_drop_is_incremental(harness: None, da
     assert measurement["measurement_id"].is_unique().all()
     for table in ("drug_exposure", "observation", "image_feature"):
         assert store.table_path(table).read_bytes() == before[table]
+
+
+@pytest.mark.slow  # ~20 s of three more flow runs; CI runs it (make test-slow)
+def test_a_record_now_rejected_and_a_patient_now_unlisted_leave_the_store(harness: None, data_dir: Path) -> None:
+    """A record re-exported with a bad value withdraws its earlier row; an unlisted patient leaves every table.
+
+    A patient dropped from the patient list (consent withdrawn) leaves every table, and the changed list makes
+    every file of the drop be read again.
+    """
+    site = "northbridge"
+    store = SiteStore.under(data_dir, site)
+    drop = SitePaths.under(data_dir, site).drop
+    site_ingest(site, data_dir=data_dir, build_docs=False)
+    measurement = store.read_table("measurement")
+    victim = measurement.filter(pl.col("measurement_source_value") == "cgm_glucose").row(0, named=True)
+    record = victim["source_record"].split("#")[1]
+    cgm = drop / "ehr" / "cgm_readings.csv"
+    lines = cgm.read_text().splitlines()
+    index = next(i for i, line in enumerate(lines) if line.startswith(f"{record},"))
+    fields = lines[index].split(",")
+    fields[4] = "99.9"  # mmol/L: 1,800 mg/dL, beyond any sensor
+    lines[index] = ",".join(fields)
+    cgm.write_text("\n".join(lines) + "\n")
+    run = site_ingest(site, data_dir=data_dir, build_docs=False)
+    entries = pl.read_parquet(Path(run["quarantine"]) / "entries.parquet")
+    assert record in set(entries["record_key"])
+    assert victim["measurement_id"] not in set(store.read_table("measurement")["measurement_id"])
+
+    patients = drop / "ehr" / "patients.csv"
+    header, first, *rest = patients.read_text().splitlines()
+    gone = store.read_table("person").filter(
+        pl.col("person_id").is_in(store.read_table("measurement")["person_id"].implode())
+    )["person_id"]
+    before = {t: store.read_table(t) for t in TABLES}
+    patients.write_text("\n".join([header, *rest]) + "\n")  # the first patient withdrew consent
+    run = site_ingest(site, data_dir=data_dir, build_docs=False)
+    assert run["files_skipped"] == []  # a new patient list: every file read again
+    after = {t: store.read_table(t) for t in TABLES}
+    assert after["person"].height == before["person"].height - 1
+    removed = set(before["person"]["person_id"]) - set(after["person"]["person_id"])
+    assert len(removed) == 1 and removed <= set(gone)
+    for table, frame in after.items():
+        if "person_id" in frame.columns:
+            assert not set(frame["person_id"]) & removed, table
+    assert after["measurement"].height < before["measurement"].height
