@@ -135,7 +135,8 @@ def dp_step(
     is clipped to L2 norm ``config.max_grad_norm`` over all trainable parameters, the clipped gradients are
     summed, N(0, (noise_multiplier * max_grad_norm)^2) noise is added per coordinate, and the result is divided
     by ``expected_patients`` = q * N (a constant; dividing by the realised count would leak it), set as ``.grad``
-    and handed to ``optimizer.step()``. The noise comes from ``generator`` (on the parameters' device).
+    and handed to ``optimizer.step()``. The noise comes from ``generator`` (on the parameters' device): in a real
+    round seed it from a cryptographic source (``secrets.randbits``); noise anyone can regenerate protects nobody.
 
     With ``noise_multiplier=0`` and ``max_grad_norm=math.inf`` this is exactly one optimizer step on
     ``sum(loss_fn(model, b) for b in patient_batches) / expected_patients``.

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import time
 from functools import cache
 from pathlib import Path
@@ -126,9 +127,8 @@ def train(message: Message, context: Context) -> Message:
         return Message(error=Error(code=BUDGET_EXCEEDED, reason=str(refusal)), reply_to=message)
     patients = _patient_batches(train_windows)
     optimizer = torch.optim.SGD(model.parameters(), lr=float(config["lr"]))
-    generator = torch.Generator().manual_seed(
-        int(message.metadata.run_id) % (2**31) + int(config.get("server-round", 0))
-    )
+    # Sampling and noise from the OS's CSPRNG: noise anyone could regenerate (say from the run id) protects nobody.
+    generator = torch.Generator().manual_seed(secrets.randbits(63))
     train_private_round(model, patients, loss_fn=_patient_loss, optimizer=optimizer, config=dp, generator=generator)
     summary = ledger.summary()
     metrics: dict[str, Any] = {"num-examples": len(train_windows), "epsilon-spent": float(summary["epsilon_spent"]),
