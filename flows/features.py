@@ -24,8 +24,7 @@ Rules the twin relies on:
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +33,7 @@ import polars as pl
 
 from data_contracts import vocabulary as v
 from data_contracts.schema import SCHEMA_VERSION, TABLES, UTC_DATETIME
+from flows.site_store import replace_atomically
 
 GRID_MINUTES = 5
 FEATURES_VERSION = "1.0.0"
@@ -164,9 +164,9 @@ def write_features(features: FeatureSet, folder: Path) -> dict[str, Path]:
         "rows": {"grid": features.grid.height, "static": features.static.height},
     }
     paths = {"grid": folder / GRID_FILE, "static": folder / STATIC_FILE, "features": folder / MANIFEST_FILE}
-    _replace(paths["grid"], features.grid.write_parquet)
-    _replace(paths["static"], features.static.write_parquet)
-    _replace(paths["features"], lambda p: p.write_bytes(orjson.dumps(manifest, option=orjson.OPT_INDENT_2)))
+    replace_atomically(paths["grid"], features.grid.write_parquet)
+    replace_atomically(paths["static"], features.static.write_parquet)
+    replace_atomically(paths["features"], lambda p: p.write_bytes(orjson.dumps(manifest, option=orjson.OPT_INDENT_2)))
     return paths
 
 
@@ -384,13 +384,3 @@ def _check_schema(frame: pl.DataFrame, expected: pl.Schema, what: str) -> None:
     if frame.schema != expected:
         differ = sorted(set(frame.schema.items()) ^ set(expected.items()), key=str)
         raise ValueError(f"{what}: columns differ from features version {FEATURES_VERSION}: {differ}")
-
-
-def _replace(path: Path, write: Callable[[Path], object]) -> None:
-    """Write through `write(temporary_path)` beside `path`, then rename it over `path`."""
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        write(partial)
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -104,26 +105,26 @@ def upsert(existing: pl.DataFrame, new: pl.DataFrame, table: str) -> pl.DataFram
     return pl.concat([kept, conformed]).sort(key)
 
 
-def write_parquet_atomic(frame: pl.DataFrame, path: Path) -> None:
-    """Write `frame` to `path` through a temporary file and a rename."""
+def replace_atomically(path: Path, write: Callable[[Path], object]) -> None:
+    """Write through `write(temporary_path)` beside `path`, then rename it over `path`: readers see old or new."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
-        frame.write_parquet(partial, statistics=True)
+        write(partial)
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
+
+
+def write_parquet_atomic(frame: pl.DataFrame, path: Path) -> None:
+    """Write `frame` to `path` as Parquet (with statistics), atomically."""
+    replace_atomically(path, lambda partial: frame.write_parquet(partial, statistics=True))
 
 
 def write_json_atomic(payload: dict[str, Any], path: Path) -> None:
-    """Write `payload` as indented JSON through a temporary file and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    try:
-        partial.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
+    """Write `payload` to `path` as indented JSON, atomically."""
+    text = json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n"
+    replace_atomically(path, lambda partial: partial.write_text(text))
 
 
 def fingerprint_files(drop: Path) -> dict[str, str]:
