@@ -134,14 +134,16 @@ def _fault_recall(folder: Path) -> dict[str, Any]:
     """The run's quarantine and removed duplicates against the generator's fault manifest (record files)."""
     import polars as pl
 
+    from flows.demo_sites.faults import fault_position
+    from flows.demo_sites.generate import SitePaths
+
     run = sorted((folder / "sites" / SITE / "quarantine").iterdir())[-1]
     entries = pl.read_parquet(run / "entries.parquet")
     removed = pl.read_parquet(run / "duplicates_removed.parquet")
     quarantined = set(zip(entries["source_file"], entries["source_position"], strict=True))
     duplicates = set(zip(removed["source_file"], removed["source_position"], strict=True))
-    lines = (folder / "ground_truth" / SITE / "fault_manifest.jsonl").read_text().splitlines()
-    faults = [entry for entry in map(json.loads, lines) if entry["file"].startswith("ehr/")]
-    where = [(e["file"], e["line"] if e["line"] is not None else e["row"]) for e in faults]
+    faults = [entry for entry in SitePaths.under(folder, SITE).faults() if entry["file"].startswith("ehr/")]
+    where = [(e["file"], fault_position(e)) for e in faults]
     caught = sum(
         w in (duplicates if e["kind"] == "duplicate_row" else quarantined) for e, w in zip(faults, where, strict=True)
     )

@@ -8,8 +8,10 @@ most one fault, so every manifest entry names exactly one thing that is wrong.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from datetime import datetime
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -24,6 +26,12 @@ GARBLED_TIME = "__garbled_time"
 # Both rows of an injected duplicate pair: no later fault may touch them, or the copy would no longer be exact.
 RESERVED = "__reserved"
 CLOCK_RESET = datetime(2000, 1, 1)  # where a pump or CGM clock lands after a battery reset
+
+
+def fault_position(entry: Mapping[str, Any]) -> int | None:
+    """Where a manifest entry sits in its file: its line, or for Parquet its row; None for a whole file (DICOM)."""
+    position = entry["line"] if entry["line"] is not None else entry["row"]
+    return None if position is None else int(position)
 
 
 @dataclass(frozen=True)

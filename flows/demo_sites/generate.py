@@ -10,6 +10,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import numpy as np
@@ -27,6 +28,9 @@ from models.uva_padova.cohort import CohortRun, simulate_cohort
 STATE_EVERY_MIN = 60  # ground-truth simulator states are kept hourly
 
 
+FAULT_MANIFEST = "fault_manifest.jsonl"
+
+
 @dataclass(frozen=True)
 class SitePaths:
     """Where a site's generated data lives under the data folder."""
@@ -38,6 +42,15 @@ class SitePaths:
     def under(cls, data_dir: Path, site_id: str) -> SitePaths:
         """The standard layout: data/drops/<site> and data/ground_truth/<site>."""
         return cls(drop=data_dir / "drops" / site_id, truth=data_dir / "ground_truth" / site_id)
+
+    @property
+    def fault_manifest(self) -> Path:
+        """The injected faults, one JSON object per line (FaultEntry.as_dict)."""
+        return self.truth / FAULT_MANIFEST
+
+    def faults(self) -> list[dict[str, Any]]:
+        """The fault manifest's entries, as written."""
+        return [json.loads(line) for line in self.fault_manifest.read_text().splitlines()]
 
 
 @dataclass(frozen=True)
@@ -236,7 +249,7 @@ def _write_truth(
                                                             "last_qsto_mg", "last_food_g", "last_cgm", "cgm_obs",
                                                             "since_hypo_treat_min")},
     )  # fmt: skip
-    with open(truth / "fault_manifest.jsonl", "w") as manifest:
+    with open(truth / FAULT_MANIFEST, "w") as manifest:
         for entry in written.faults:
             manifest.write(json.dumps(entry.as_dict()) + "\n")
     meta = {

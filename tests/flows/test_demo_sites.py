@@ -51,11 +51,6 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory, profiles: dict[str, SiteP
     return folder
 
 
-def manifest(data_dir: Path, site: str) -> list[dict]:
-    path = SitePaths.under(data_dir, site).truth / "fault_manifest.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
 def text_lines(drop: Path, name: str) -> list[str]:
     return (drop / name).read_text().split("\n")[:-1]
 
@@ -70,7 +65,7 @@ def test_three_default_sites_differ_in_cohort_and_format(profiles: dict[str, Sit
 def test_every_configured_fault_kind_is_injected(data_dir: Path, profiles: dict[str, SiteProfile]) -> None:
     """Each fault kind a profile gives a rate appears in that site's manifest at least once."""
     for site, profile in profiles.items():
-        kinds = {entry["kind"] for entry in manifest(data_dir, site)}
+        kinds = {entry["kind"] for entry in SitePaths.under(data_dir, site).faults()}
         configured = {kind for kind, rate in profile.faults.items() if rate > 0}
         assert configured <= kinds, f"{site}: missing {configured - kinds}"
 
@@ -84,14 +79,14 @@ def test_fhir_resources_validate_against_r4b(data_dir: Path) -> None:
     assert bulk["transactionTime"] and bulk["error"] == []
     broken = {
         (e["file"], e["line"])
-        for e in manifest(data_dir, "aurelia")
+        for e in SitePaths.under(data_dir, "aurelia").faults()
         if e["kind"] in ("truncated_line", "malformed_line")
     }
     validated = 0
     for output in bulk["output"]:
         lines = text_lines(drop, output["url"])
         assert len(lines) == output["count"]
-        faulted = {(e["file"], e["line"]) for e in manifest(data_dir, "aurelia")}
+        faulted = {(e["file"], e["line"]) for e in SitePaths.under(data_dir, "aurelia").faults()}
         for number, line in enumerate(lines, start=1):
             if (f"ehr/{output['url']}", number) in broken:
                 with pytest.raises(json.JSONDecodeError):
@@ -109,7 +104,9 @@ def test_fhir_resources_validate_against_r4b(data_dir: Path) -> None:
 def test_csv_and_parquet_read_with_polars(data_dir: Path) -> None:
     """CSV extracts (minus listed damaged lines) and Parquet tables read with polars, with their own schemas."""
     csv_drop = SitePaths.under(data_dir, "northbridge").drop / "ehr"
-    damaged = {(e["file"], e["line"]) for e in manifest(data_dir, "northbridge") if e["kind"].endswith("_line")}
+    damaged = {
+        (e["file"], e["line"]) for e in SitePaths.under(data_dir, "northbridge").faults() if e["kind"].endswith("_line")
+    }
     for table, name in CSV_FILES.items():
         lines = (csv_drop / name).read_text().split("\n")
         kept = [line for number, line in enumerate(lines, start=1) if (f"ehr/{name}", number) not in damaged]
@@ -127,7 +124,7 @@ def test_dicom_files_open_with_pydicom_except_the_corrupted(data_dir: Path) -> N
     """Every DICOM file opens with pydicom and decodes, except exactly those the manifest lists as corrupted."""
     for site in ("aurelia", "northbridge", "lakeside"):
         drop = SitePaths.under(data_dir, site).drop
-        corrupted = {e["file"] for e in manifest(data_dir, site) if e["kind"] == "corrupted_dicom"}
+        corrupted = {e["file"] for e in SitePaths.under(data_dir, site).faults() if e["kind"] == "corrupted_dicom"}
         files = sorted(drop.glob("imaging/*/*.dcm"))
         assert len(files) >= PATIENTS
         for path in files:
@@ -194,7 +191,7 @@ def test_each_manifest_fault_is_where_it_says(data_dir: Path, site: str) -> None
     """Every manifest entry points at a record that shows exactly that fault."""
     drop = SitePaths.under(data_dir, site).drop
     patients_phi = _phi_by_mrn(drop, site)
-    entries = manifest(data_dir, site)
+    entries = SitePaths.under(data_dir, site).faults()
     assert entries
     for entry in entries:
         kind = entry["kind"]
@@ -250,7 +247,7 @@ def test_clean_cgm_records_are_clean(data_dir: Path, profiles: dict[str, SitePro
     }
     for site, name in files.items():
         drop = SitePaths.under(data_dir, site).drop
-        listed = {(e["line"], e["row"]) for e in manifest(data_dir, site) if e["file"] == name}
+        listed = {(e["line"], e["row"]) for e in SitePaths.under(data_dir, site).faults() if e["file"] == name}
         count = (
             pl.read_parquet(drop / name).height
             if name.endswith("parquet")
@@ -348,7 +345,9 @@ def test_same_seed_same_drop_bit_for_bit(tmp_path: Path, profiles: dict[str, Sit
 def test_csv_local_times_are_dst_correct(data_dir: Path) -> None:
     """Europe/London wall-clock CGM times map back to a regular UTC grid across the 29 March DST change."""
     drop = SitePaths.under(data_dir, "northbridge").drop
-    listed = {e["line"] for e in manifest(data_dir, "northbridge") if e["file"] == "ehr/cgm_readings.csv"}
+    listed = {
+        e["line"] for e in SitePaths.under(data_dir, "northbridge").faults() if e["file"] == "ehr/cgm_readings.csv"
+    }
     lines = text_lines(drop, "ehr/cgm_readings.csv")
     kept = [line for number, line in enumerate(lines, start=1) if number not in listed]
     frame = pl.read_csv(io.StringIO("\n".join(kept)), infer_schema=False)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import hashlib
-import json
 import shutil
 from pathlib import Path
 
@@ -84,8 +83,7 @@ def site(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
 
 def corrupted(site: IngestedSite) -> set[str]:
     """The files the fault manifest lists as corrupted DICOM."""
-    lines = (site.paths.truth / "fault_manifest.jsonl").read_text().splitlines()
-    return {entry["file"] for entry in map(json.loads, lines) if entry["kind"] == "corrupted_dicom"}
+    return {entry["file"] for entry in site.paths.faults() if entry["kind"] == "corrupted_dicom"}
 
 
 def relative(site: IngestedSite, path: Path) -> str:

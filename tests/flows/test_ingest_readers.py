@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import polars as pl
@@ -38,11 +37,6 @@ def read_cgm(data_dir: Path, site: str) -> tuple[pl.DataFrame, int]:
     read = read_source(SitePaths.under(data_dir, site).drop, source.file, fields_of(source), mapping.site.format)
     assert read.file_error is None
     return measurement_candidates(read.frame, source, mapping.site, mapping.units), read.rows_in
-
-
-def manifest(data_dir: Path, site: str) -> list[dict]:
-    text = (SitePaths.under(data_dir, site).truth / "fault_manifest.jsonl").read_text()
-    return [json.loads(line) for line in text.splitlines()]
 
 
 def test_default_mappings_load() -> None:
@@ -94,7 +88,9 @@ def test_every_line_is_read_and_broken_lines_are_exactly_the_manifests(data_dir:
     path = SitePaths.under(data_dir, site).drop / file
     expected = pl.read_parquet(path).height if file.endswith(".parquet") else len(path.read_text().splitlines())
     assert rows_in == frame.height == expected - file.endswith(".csv")
-    broken = {e["line"] for e in manifest(data_dir, site) if e["file"] == file and e["kind"].endswith("_line")}
+    broken = {
+        e["line"] for e in SitePaths.under(data_dir, site).faults() if e["file"] == file and e["kind"].endswith("_line")
+    }
     assert set(frame.filter(pl.col(PARSE_ERROR).is_not_null())[POSITION].to_list()) == broken
 
 
@@ -103,7 +99,7 @@ def test_clean_cgm_values_and_times_match_the_sensor_truth(data_dir: Path, site:
     """Unfaulted readings convert to the sensor's true mg/dL (within the site's rounding) at the true UTC time."""
     frame, _ = read_cgm(data_dir, site)
     file = mapping_for(site).measurements["cgm"].file
-    faulted = {e["record_key"] for e in manifest(data_dir, site) if e["file"] == file}
+    faulted = {e["record_key"] for e in SitePaths.under(data_dir, site).faults() if e["file"] == file}
     truth = pl.read_parquet(SitePaths.under(data_dir, site).truth / "cgm.parquet").rename({"time": "true_time"})
     clean = frame.filter(~pl.col("record_key").is_in(list(faulted)))
     joined = clean.join(truth, left_on="record_key", right_on="record_id", how="inner")

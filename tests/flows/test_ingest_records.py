@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from datetime import UTC, datetime
 from pathlib import Path
@@ -14,6 +13,7 @@ from hypothesis import strategies as st
 from phi_fixtures import identifiers, leaks
 
 from data_contracts import vocabulary as v
+from flows.demo_sites.faults import fault_position
 from flows.demo_sites.generate import SitePaths, generate_sites
 from flows.demo_sites.profile import load_profiles
 from flows.ingest.mapping import MappingError, load_mapping, mapping_for
@@ -49,24 +49,19 @@ def batches(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[st
     }
 
 
-def manifest(data_dir: Path, site: str) -> list[dict]:
-    text = (SitePaths.under(data_dir, site).truth / "fault_manifest.jsonl").read_text()
-    return [json.loads(line) for line in text.splitlines()]
-
-
 @pytest.mark.parametrize("site", SITES)
 def test_every_manifest_fault_is_caught_and_no_clean_row_is_quarantined(
     data_dir: Path, batches: dict[str, RecordBatch], site: str
 ) -> None:
     """Recall 100% on every record file's faults (duplicates removed, the rest quarantined); precision 100%."""
-    entries = [e for e in manifest(data_dir, site) if e["file"].startswith("ehr/")]
+    entries = [e for e in SitePaths.under(data_dir, site).faults() if e["file"].startswith("ehr/")]
     assert {e["kind"] for e in entries} >= {"duplicate_row", "impossible_value", "phi_in_free_text", "clock_shift"}
     batch = batches[site]
     quarantined = set(zip(batch.quarantine["source_file"], batch.quarantine["source_position"], strict=True))
     removed = set(zip(batch.duplicates["source_file"], batch.duplicates["source_position"], strict=True))
 
-    def where(entry: dict) -> tuple[str, int]:
-        return entry["file"], entry["line"] if entry["line"] is not None else entry["row"]
+    def where(entry: dict) -> tuple[str, int | None]:
+        return entry["file"], fault_position(entry)
 
     missed = [e for e in entries if where(e) not in (removed if e["kind"] == "duplicate_row" else quarantined)]
     assert missed == []

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterator
 from datetime import datetime, timedelta
@@ -16,6 +15,7 @@ from prefect.logging.handlers import APILogWorker
 from prefect.testing.utilities import prefect_test_harness
 
 from data_contracts.schema import TABLES
+from flows.demo_sites.faults import fault_position
 from flows.demo_sites.generate import SitePaths, generate_sites
 from flows.demo_sites.profile import load_profiles
 from flows.features import read_features
@@ -47,11 +47,6 @@ def runs(harness: None, data_dir: Path) -> dict[str, dict]:
     return {site: site_ingest(site, data_dir=data_dir) for site in SITES}
 
 
-def manifest(data_dir: Path, site: str) -> list[dict]:
-    text = (SitePaths.under(data_dir, site).truth / "fault_manifest.jsonl").read_text()
-    return [json.loads(line) for line in text.splitlines()]
-
-
 @pytest.mark.parametrize("site", SITES)
 def test_the_site_quarantine_holds_every_manifest_fault_and_nothing_clean(
     data_dir: Path, runs: dict[str, dict], site: str
@@ -63,17 +58,17 @@ def test_the_site_quarantine_holds_every_manifest_fault_and_nothing_clean(
     quarantined = set(zip(entries["source_file"], entries["source_position"], strict=True))
     files = set(entries["source_file"])
     duplicates = set(zip(removed["source_file"], removed["source_position"], strict=True))
-    faults = manifest(data_dir, site)
+    faults = SitePaths.under(data_dir, site).faults()
     assert {f["kind"] for f in faults} >= {"corrupted_dicom", "phi_in_free_text", "duplicate_row"}
 
     def caught(fault: dict) -> bool:
         if fault["kind"] == "corrupted_dicom":
             return fault["file"] in files
-        where = (fault["file"], fault["line"] if fault["line"] is not None else fault["row"])
+        where = (fault["file"], fault_position(fault))
         return where in (duplicates if fault["kind"] == "duplicate_row" else quarantined)
 
     assert [f for f in faults if not caught(f)] == []
-    expected = {(f["file"], f["line"] if f["line"] is not None else f["row"]) for f in faults}
+    expected = {(f["file"], fault_position(f)) for f in faults}
     dicom = {f["file"] for f in faults if f["kind"] == "corrupted_dicom"}
     clean_quarantined = {q for q in quarantined if q not in expected and q[0] not in dicom}
     print(f"{site}: {len(faults)} faults, recall 100%, precision {1 - len(clean_quarantined) / len(quarantined):.3f}")
