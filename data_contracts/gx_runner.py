@@ -102,10 +102,11 @@ def run_contract(
     frame's first column). Checks on a table the batch does not carry are NotApplicable. The frames are not modified.
     """
     start = time.perf_counter()
+    workdir = Path(workdir).resolve()  # GX's Data Docs store refuses a relative folder (`twinfed demo`'s default)
     key_columns = _key_columns(tables, checks, keys)
     present = [c for c in checks if c.table in tables]
-    docs_dir = Path(workdir) / DATA_DOCS_DIR if build_docs else None
-    with _ArrowDatabase(tables, Path(workdir) / "duckdb_spill") as database:
+    docs_dir = workdir / DATA_DOCS_DIR if build_docs else None
+    with _ArrowDatabase(tables, workdir / "duckdb_spill") as database:
         # One after the other: run side by side on two cores, polars', DuckDB's and GX's threads slowed each other
         # down (5M rows: 10.4 s instead of 6.7 s).
         row_flag_seconds, row_outcomes = _timed(_row_violations, database, tables, present)

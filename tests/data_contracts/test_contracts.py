@@ -280,7 +280,9 @@ def planted_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Cont
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(cwd)
         patch.setenv("HOME", str(home))
-        run = run_contract(batch, CHECKS, site_id="northbridge", suite_name="harmonized", workdir=workdir)
+        # Given relative (as `twinfed demo`'s default data folder is), yet outside cwd: GX needs it made absolute.
+        relative = Path(os.path.relpath(workdir, cwd))
+        run = run_contract(batch, CHECKS, site_id="northbridge", suite_name="harmonized", workdir=relative)
     yield run, expected, cwd, home
 
 
