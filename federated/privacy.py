@@ -126,6 +126,7 @@ def dp_step(
     generator: torch.Generator,
     expected_patients: float,
     vectorize: bool = True,
+    proximal: tuple[float, Sequence[torch.Tensor]] | None = None,
 ) -> StepStats:
     """Take one patient-level DP-SGD step on the sampled patients' data and return site-local diagnostics.
 
@@ -146,6 +147,10 @@ def dp_step(
     (no ``.item()``, no data-dependent Python branching). Other patients, or all with ``vectorize=False``, get
     one backward pass each. Both give the same result up to float rounding. Padding ragged patients to a few
     window counts with windows whose loss is 0 (masked targets) lets them share a vmap.
+
+    ``proximal = (mu, anchor)`` adds FedProx's pull ``mu * (w - anchor)`` toward the round's global model (one
+    tensor per trainable parameter, in ``named_parameters`` order) to the privatized gradient. It depends on no
+    patient's data, so adding it after the noise spends no privacy.
     """
     if not expected_patients > 0:
         raise ValueError(f"expected_patients must be > 0 (q * number of patients), got {expected_patients}")
@@ -175,6 +180,10 @@ def dp_step(
         if noise_std > 0:
             total.add_(torch.randn(p.shape, generator=generator, dtype=p.dtype, device=p.device), alpha=noise_std)
         p.grad = total.div_(expected_patients)
+    if proximal is not None:
+        mu, anchor = proximal
+        for p, a in zip(named.values(), anchor, strict=True):
+            p.grad = p.grad + mu * (p.detach() - a) if p.grad is not None else mu * (p.detach() - a)
     optimizer.step()
     all_norms = torch.cat(norms).tolist() if norms else []
     return StepStats(
@@ -196,16 +205,21 @@ def train_private_round(
     optimizer: torch.optim.Optimizer,
     config: DPConfig,
     generator: torch.Generator,
+    proximal_mu: float = 0.0,
 ) -> list[StepStats]:
     """Run ``config.steps_per_round`` DP steps, each on a fresh Poisson sample of ``patients`` (one entry each).
 
     This is the round :meth:`PrivacyLedger.record_round` accounts for with ``config.noise_multiplier``,
     ``config.patient_sample_rate`` and ``config.steps_per_round``; record it BEFORE training, so a crash
     between training and recording can never release an unaccounted update.
+
+    With ``proximal_mu > 0`` every step is pulled toward the parameters the round started from (FedProx).
     """
     if not patients:
         raise ValueError("a private round needs at least one patient at the site")
     expected = config.patient_sample_rate * len(patients)
+    anchor = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+    proximal = (proximal_mu, anchor) if proximal_mu > 0 else None
     stats = []
     for _ in range(config.steps_per_round):
         sampled = [patients[i] for i in poisson_sample(len(patients), config.patient_sample_rate, generator)]
@@ -218,6 +232,7 @@ def train_private_round(
                 config=config,
                 generator=generator,
                 expected_patients=expected,
+                proximal=proximal,
             )
         )
     return stats

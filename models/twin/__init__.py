@@ -25,8 +25,10 @@ from models.twin.windows import (
     STATIC_FEATURES,
     Moments,
     Normalizer,
+    PatientSplit,
     Windows,
     build_windows,
+    split_patients,
     window_moments,
 )
 
@@ -41,6 +43,7 @@ __all__ = [
     "Calibration",
     "Moments",
     "Normalizer",
+    "PatientSplit",
     "TwinSurrogate",
     "Windows",
     "apply",
@@ -51,6 +54,7 @@ __all__ = [
     "load_state_arrays",
     "pinball_loss",
     "predict",
+    "split_patients",
     "state_arrays",
     "window_moments",
     "window_tensors",

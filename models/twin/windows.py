@@ -105,6 +105,35 @@ class Windows:
         return Windows(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
 
 
+@dataclass(frozen=True)
+class PatientSplit:
+    """A site's windows split by patient: no patient is in two parts."""
+
+    train: Windows
+    calibration: Windows  # site-local held-out patients for conformal calibration
+    test: Windows  # held-out patients for evaluation
+
+
+TEST_EVERY = 5  # patients 0, 5, 10, ... (in pseudonymous id order) are test patients
+CALIBRATION_EVERY = 10  # patients 1, 11, 21, ... calibrate the intervals; the rest train
+
+
+def split_patients(windows: Windows) -> PatientSplit:
+    """Split by position in the sorted pseudonymous person ids, the same way at every site and in every baseline.
+
+    Pseudonyms are keyed hashes, so sorted order is a random order of the patients that is fixed for a site:
+    about 70% train, 10% calibrate and 20% test. A site needs at least 3 patients to fill every part.
+    """
+    people = np.unique(windows.person_id)
+    if len(people) < 3:
+        raise ValueError(f"a site needs 3 patients to split into train, calibration and test; has {len(people)}")
+    position = np.arange(len(people))
+    test = people[position % TEST_EVERY == 0]
+    calibration = people[position % CALIBRATION_EVERY == 1]
+    part = np.where(np.isin(windows.person_id, test), 2, np.where(np.isin(windows.person_id, calibration), 1, 0))
+    return PatientSplit(*(windows.select(np.flatnonzero(part == k)) for k in range(3)))
+
+
 def build_windows(features: FeatureSet, *, stride: int = 3) -> Windows:
     """Cut every person's grid into windows whose origins are `stride` bins apart, keeping those the rules allow."""
     if stride < 1:

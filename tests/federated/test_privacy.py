@@ -312,3 +312,34 @@ def test_noise_for_budget_spends_the_budget(tmp_path: Path) -> None:
     assert 0.99 <= accountant.get_epsilon(delta=1e-5) <= 1.0
     site = ledger(tmp_path / "ledger.json", budget=1.0)
     assert site.record_round("run1:1", noise_multiplier=sigma, sample_rate=0.1, steps=50) <= 1.0
+
+
+def test_fedprox_pull_is_added_after_the_noise_and_equals_the_proximal_gradient() -> None:
+    """A noiseless step with proximal (mu, anchor) equals plain SGD on loss / expected + mu/2 * |w - anchor|^2."""
+    batches = patients([2, 3, 1], seed=3)
+    private, plain = small_mlp(1), small_mlp(1)
+    anchor = [p.detach() + 0.3 for p in small_mlp(2).parameters()]  # some other global model
+    mu = 0.7
+    dp_step(private, batches, loss_fn=patient_loss, optimizer=torch.optim.SGD(private.parameters(), lr=0.5),
+            config=config(), generator=torch.Generator().manual_seed(0), expected_patients=3.0,
+            proximal=(mu, anchor))  # fmt: skip
+    optimizer = torch.optim.SGD(plain.parameters(), lr=0.5)
+    proximal = sum(((p - a) ** 2).sum() for p, a in zip(plain.parameters(), anchor, strict=True))
+    (sum(patient_loss(plain, b) for b in batches) / 3.0 + mu / 2 * proximal).backward()  # type: ignore[operator]
+    optimizer.step()
+    for p_private, p_plain in zip(private.parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(p_private, p_plain, atol=1e-6, rtol=2e-6)
+
+
+def test_private_round_with_fedprox_stays_closer_to_the_start() -> None:
+    """The same round (same samples, same noise) drifts less from the global model with a proximal pull."""
+    batches = patients([3] * 6, seed=4, target_scale=5.0)
+    start = torch.cat([p.detach().flatten() for p in small_mlp(5).parameters()])
+    drift = {}
+    for mu in (0.0, 2.0):
+        model = small_mlp(5)
+        dp = DPConfig(noise_multiplier=0.5, max_grad_norm=1.0, patient_sample_rate=0.5, delta=1e-5, steps_per_round=8)
+        train_private_round(model, batches, loss_fn=patient_loss, optimizer=torch.optim.SGD(model.parameters(), lr=0.2),
+                            config=dp, generator=torch.Generator().manual_seed(9), proximal_mu=mu)  # fmt: skip
+        drift[mu] = float((torch.cat([p.detach().flatten() for p in model.parameters()]) - start).norm())
+    assert 0 < drift[2.0] < drift[0.0]

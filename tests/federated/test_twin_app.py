@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 from flwr.simulation import run_simulation
 
-from data_contracts.schema import IMAGE_FEATURE
+from data_contracts.schema import IMAGE_FEATURE, SCHEMA_VERSION
 from federated.privacy import PrivacyLedger
-from federated.twin_app import DEFAULT_SITES, DEFAULTS, client, server
+from federated.registry import Checkpoint, Checkpoints, Registry
+from federated.twin_app import DEFAULT_SITES, DEFAULTS, _strategy, client, pooled_metrics, server_app
 from flows.demo_sites.generate import SitePaths, generate_sites
 from flows.demo_sites.profile import load_profiles
 from flows.features import build_features, write_features
@@ -31,27 +35,99 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-@pytest.mark.slow  # Ray start-up and two federated rounds: about 90 s
-def test_three_sites_train_two_rounds_and_a_site_out_of_budget_refuses(
+def test_pyproject_run_config_is_the_apps_defaults() -> None:
+    """`flwr run` reads [tool.flwr.app.config]; in-process runs read DEFAULTS: the two must agree key by key."""
+    project = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
+    assert project["tool"]["flwr"]["app"]["config"] == DEFAULTS
+    components = project["tool"]["flwr"]["app"]["components"]
+    assert components == {"serverapp": "federated.twin_app:server", "clientapp": "federated.twin_app:client"}
+
+
+def test_pooled_metrics_are_exact_over_sites() -> None:
+    """Pooling sites' error sums gives the RMSE of all their windows together, not a mean of site RMSEs."""
+    rng = np.random.default_rng(0)
+    errors = [rng.normal(0, 10, 50), rng.normal(0, 30, 5)]  # a big site with small errors, a small one with large
+    naive = [rng.normal(0, 20, 50), rng.normal(0, 20, 5)]
+    sums = [{"num-examples": len(e), "n-30": len(e), "sse-30": float((e**2).sum()),
+             "persistence-sse-30": float((p**2).sum()), "n-60": 0, "sse-60": 0.0, "persistence-sse-60": 0.0,
+             "covered-90": 0.9 * len(e), "raw-covered-90": 0.5 * len(e), "n-90": len(e)}
+            for e, p in zip(errors, naive, strict=True)]  # fmt: skip
+    pooled = pooled_metrics(sums)
+    everything, persistence = np.concatenate(errors), np.concatenate(naive)
+    assert pooled["rmse-30"] == pytest.approx(float(np.sqrt(np.mean(everything**2))))
+    assert pooled["rmse-ratio-30"] == pytest.approx(np.sqrt(np.mean(everything**2) / np.mean(persistence**2)))
+    assert pooled["rmse-60"] is None and pooled["coverage-90"] == pytest.approx(0.9)
+    assert pooled["raw-coverage-90"] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize(("name", "kind"), [("fedavg", FedAvg), ("fedprox", FedProx), ("fedadam", FedAdam)])
+def test_strategy_is_selected_by_run_config(name: str, kind: type) -> None:
+    """FedAvg weighted by examples unless the run config asks for FedProx (its mu) or FedAdam (its server lr)."""
+    strategy = _strategy(DEFAULTS | {"strategy": name, "proximal-mu": 0.2, "server-lr": 0.05, "quorum": 2})
+    assert type(strategy) is kind and strategy.weighted_by_key == "num-examples"
+    assert strategy.min_available_nodes == 2 and strategy.min_train_nodes == 1
+    if kind is FedProx:
+        assert strategy.proximal_mu == 0.2  # type: ignore[attr-defined]
+    if kind is FedAdam:
+        assert strategy.eta == 0.05  # type: ignore[attr-defined]
+
+
+@pytest.mark.slow  # Ray start-up twice and three federated rounds: about 3 minutes
+def test_training_resumes_after_a_crash_and_registers_the_model(
     data_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Two rounds of FedAvg over three simulated hospitals; one near its budget refuses and the others go on."""
-    monkeypatch.setenv("TWINFED_DATA_DIR", str(data_dir))
-    monkeypatch.setenv("TWINFED_MODEL_DIR", str(data_dir / "federation"))
-    budget, delta = DEFAULTS["epsilon-budget"], DEFAULTS["delta"]
+    """Three simulated hospitals, two rounds; the server dies after round 1 and a restart finishes from round 1.
+
+    Lakeside is near its budget and refuses both rounds; its ledger never moves and the federation goes on.
+    The registered model records both rounds, every site's epsilon (equal to its ledger), and the resume.
+    """
+    budget = DEFAULTS["epsilon-budget"]
     # An earlier study spent 7.6 of lakeside's 8: one more round (4 steps) would reach 8.5, so it must refuse.
     spent = ledger("lakeside", data_dir).record_round("an earlier study", noise_multiplier=1.5, sample_rate=0.5,
                                                       steps=18)  # fmt: skip
-    run_simulation(server_app=server, client_app=client, num_supernodes=3,
-                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})  # fmt: skip
-    model = np.load(data_dir / "federation" / "global_model.npz")
-    assert len(model.files) > 0 and all(np.isfinite(model[name]).all() for name in model.files)
+    federation = data_dir / "federation"
+    overrides = {"num-server-rounds": 2, "data-dir": str(data_dir), "federation-dir": str(federation)}
+    save = Checkpoints.save
+
+    def crash_after_round_one(self: Checkpoints, checkpoint: Checkpoint) -> Path:
+        save(self, checkpoint)
+        raise RuntimeError(f"the server dies after saving round {checkpoint.completed_rounds}")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Checkpoints, "save", crash_after_round_one)
+        with pytest.raises(RuntimeError, match="dies after saving round 1"):  # the in-process server's crash
+            simulate(overrides)
+    assert Registry(federation).latest() is None
+    after_crash = Checkpoints(federation).latest()
+    assert after_crash is not None and after_crash.completed_rounds == 1
+    assert ledger("aurelia", data_dir).summary()["rounds"] == 1
+
+    simulate(overrides)
+    registered = Registry(federation).latest()
+    assert registered is not None and registered.version == "twin-0001"
+    meta = registered.metadata
+    assert meta["rounds"] == 2 and meta["resumed_after_round"] == 1 and len(meta["run_ids"]) == 2
+    assert [entry["round"] for entry in meta["history"]] == [1, 2]
     for site in ("aurelia", "northbridge"):
         summary = ledger(site, data_dir).summary()
         assert summary["rounds"] == 2 and 0 < float(summary["epsilon_spent"]) <= budget
-    refused = ledger("lakeside", data_dir).summary()
-    assert refused["rounds"] == 1 and float(refused["epsilon_spent"]) == pytest.approx(spent) and spent <= budget
-    assert delta == refused["delta"]
+        assert meta["sites"][site]["epsilon_spent"] == pytest.approx(float(summary["epsilon_spent"]))
+        assert meta["sites"][site]["rounds_trained"] == 2 and meta["sites"][site]["examples"] > 0
+        assert meta["sites"][site]["contracts"]["schema-version"] == SCHEMA_VERSION
+    lakeside = meta["sites"]["lakeside"]
+    assert lakeside["rounds_refused"] == 2 and lakeside["rounds_trained"] == 0
+    assert lakeside["epsilon_spent"] == pytest.approx(spent) and spent <= budget
+    assert ledger("lakeside", data_dir).summary()["rounds"] == 1  # the earlier study only
+    assert meta["metrics"]["rmse-30"] > 0 and 0 <= meta["metrics"]["coverage-90"] <= 1
+    assert Checkpoints(federation).latest() is None  # cleared once registered
+    model = registered.model()
+    assert all(np.isfinite(a).all() for a in registered.arrays()) and model.normalizer().std.min() > 0
+
+
+def simulate(overrides: dict[str, Any]) -> None:
+    """One in-process Flower simulation of the three sites with the app's server and client."""
+    run_simulation(server_app=server_app(overrides), client_app=client, num_supernodes=3,
+                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})  # fmt: skip
 
 
 def ledger(site: str, data_dir: Path) -> PrivacyLedger:
