@@ -1,0 +1,120 @@
+"""The prediction flow: forecasts and what-ifs of the registered twin, validated; a failing batch is never published."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+from prefect.testing.utilities import prefect_test_harness
+
+import flows.predict_flow as predict_flow
+from data_contracts.schema import IMAGE_FEATURE
+from federated.registry import Registry
+from flows.demo_sites.generate import SitePaths, generate_sites
+from flows.demo_sites.profile import load_profiles
+from flows.features import build_features, read_features, write_features
+from flows.ingest.mapping import mapping_for
+from flows.ingest.records import ingest_records
+from flows.predict_flow import PredictionContractFailed, read_batches, site_predict
+from flows.site_store import SiteStore, write_parquet_atomic
+from models.twin import Normalizer, TwinSurrogate, build_windows, fit_local, split_patients, window_moments
+from models.twin.forecast import forecast_windows
+from models.twin.scenarios import CATALOGUE
+
+SITE = "aurelia"
+
+
+@pytest.fixture(scope="module")
+def harness() -> Iterator[None]:
+    """A temporary Prefect API for the module's flow runs."""
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One small site's harmonized measurements and features, and a briefly trained twin registered for it."""
+    folder = tmp_path_factory.mktemp("predict")
+    profile = next(p for p in load_profiles() if p.site.id == SITE).with_overrides(patients=8, days=3)
+    generate_sites([profile], folder, workers=1)
+    batch = ingest_records(SitePaths.under(folder, SITE).drop, mapping_for(SITE), secret=bytes(range(32)),
+                           workdir=folder / "work", build_docs=False)  # fmt: skip
+    store = SiteStore.under(folder, SITE)
+    write_parquet_atomic(batch.tables["measurement"], store.table_path("measurement"))
+    write_features(build_features(batch.tables | {"image_feature": IMAGE_FEATURE.empty()}), store.features)
+    torch.manual_seed(0)
+    train = split_patients(build_windows(read_features(store.features))).train
+    model = TwinSurrogate(Normalizer.fit_from_moments(window_moments(train)))
+    fit_local(model, train, epochs=2, lr=3e-3, batch_size=128, seed=0)
+    Registry(folder / "federation").register(model, {"rounds": 0, "sites": {}})
+    return folder
+
+
+def test_batch_has_every_patient_horizon_and_scenario(data_dir: Path, harness: None) -> None:
+    """Each forecast window gives 24 rows with version and cut-off; what-ifs only where the scenario applies."""
+    summary = site_predict(SITE, data_dir=data_dir, every_min=60, days=1.0)
+    assert summary["contract"]["passed"] and summary["model_version"] == "twin-0001"
+    folder = SiteStore.under(data_dir, SITE).root / "predictions" / summary["batch_id"]
+    forecast = pl.read_parquet(folder / "forecast.parquet")
+    whatif = pl.read_parquet(folder / "whatif.parquet")
+    assert json.loads((folder / "batch.json").read_text())["rows"] == {"forecast": forecast.height,
+                                                                       "whatif": whatif.height}  # fmt: skip
+    features = read_features(SiteStore.under(data_dir, SITE).features)
+    windows = forecast_windows(features, every_bins=12)
+    recent = windows.t0 >= windows.t0.max() - np.timedelta64(1, "D")
+    assert forecast.height == 24 * int(recent.sum()) and summary["patients"] == len(np.unique(windows.person_id))
+    assert forecast["model_version"].unique().to_list() == ["twin-0001"]
+    per_window = forecast.group_by("person_id", "input_cutoff").agg(pl.col("horizon_min").sort())
+    assert all(h == list(range(5, 121, 5)) for h in per_window["horizon_min"].to_list())
+    assert (forecast["q05"] <= forecast["q50"]).all() and (forecast["q50"] <= forecast["q95"]).all()
+    assert (
+        (forecast["target_time"] - forecast["input_cutoff"]).dt.total_minutes() == forecast["horizon_min"] - 5
+    ).all()
+    live = forecast.filter(pl.col("live"))
+    assert live["person_id"].n_unique() == live.group_by("person_id").agg(pl.col("input_cutoff").n_unique()).height
+    assert set(whatif["scenario_id"].unique()) == {s.scenario_id for s in CATALOGUE}
+    joined = whatif.join(forecast, on=["person_id", "input_cutoff", "horizon_min"], suffix="_base")
+    assert joined.height == whatif.height and (joined["baseline_q50"] == joined["q50_base"]).all()
+    insulin = whatif.filter(pl.col("scenario_id") == "bolus_plus_20")
+    assert insulin.height == forecast.height  # applies to every window
+    assert (insulin["q50"] <= insulin["baseline_q50"] + 1e-6).all()  # more insulin never raises the forecast
+    meals = whatif.filter(pl.col("scenario_id") == "larger_meal")
+    assert 0 < meals.height < forecast.height and (meals["q50"] >= meals["baseline_q50"] - 1e-6).all()
+    assert read_batches(data_dir, SITE)[-1]["batch_id"] == summary["batch_id"]
+
+
+def test_a_batch_failing_its_contract_is_quarantined_not_published(
+    data_dir: Path, harness: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model gone wrong (a median of 900 mg/dL for one window): quarantined with the reason; published unchanged."""
+    published = read_batches(data_dir, SITE)
+    real_predict = predict_flow.predict
+
+    def broken(model: TwinSurrogate, windows: object) -> np.ndarray:
+        out = real_predict(model, windows)  # type: ignore[arg-type]
+        out[0, 10, 1] = 900.0
+        return out
+
+    monkeypatch.setattr(predict_flow, "predict", broken)
+    with pytest.raises(PredictionContractFailed, match="q50.plausible_range.*not published"):
+        site_predict(SITE, data_dir=data_dir, every_min=60, days=1.0, scenarios=["bolus_plus_20"])
+    assert read_batches(data_dir, SITE) == published
+    quarantined = list((SiteStore.under(data_dir, SITE).root / "quarantine" / "predictions").iterdir())
+    assert len(quarantined) == 1
+    batch = json.loads((quarantined[0] / "batch.json").read_text())
+    failed = {f["check"]: f for f in batch["contract"]["failed"]}
+    assert not batch["contract"]["passed"] and failed["forecast.q50.plausible_range"]["violating"] >= 1
+    assert "between 20 and 600" in failed["forecast.q50.plausible_range"]["reason"]
+    flags = pl.read_parquet(quarantined[0] / "forecast.flags.parquet")
+    assert flags.height >= 1  # the offending rows are named
+
+
+def test_an_unknown_model_version_is_a_clear_error(data_dir: Path, harness: None) -> None:
+    """Asking for a version the registry does not hold names the versions it does."""
+    with pytest.raises(KeyError, match="twin-0001"):
+        site_predict(SITE, data_dir=data_dir, model_version="twin-0042")
