@@ -14,6 +14,7 @@ from rich.table import Table
 from flows.demo_sites.generate import SiteSummary, generate_sites
 from flows.demo_sites.profile import DEFAULT_PROFILES_DIR, ProfileError, SiteProfile, load_profiles
 from flows.ingest.mapping import DEFAULT_MAPPINGS_DIR, MappingError
+from flows.predict_flow import PredictionContractFailed, site_predict
 from flows.site_flow import site_ingest
 from models.uva_padova.cohort import simulate_cohort
 from models.uva_padova.export import DEMO_START, cohort_summary, write_cohort
@@ -145,6 +146,40 @@ def ingest(
             console.print(f"[red]{site}: {error}[/red] (its store keeps the last good outputs)")
             failed.append(site)
     _print_ingest(runs, data_dir)
+    if failed:
+        raise typer.Exit(code=2)
+
+
+@app.command()
+def predict(
+    sites: Annotated[list[str] | None, typer.Argument(help="Site ids (default: every site with a mapping).")] = None,
+    data_dir: Annotated[Path, typer.Option(help="Stores under DATA_DIR/sites.")] = DEFAULT_DATA_DIR,
+    federation_dir: Annotated[Path | None, typer.Option(help="Registry folder (default DATA_DIR/federation).")] = None,
+    model_version: Annotated[str | None, typer.Option(help="A registered version (default: the newest).")] = None,
+    every_min: Annotated[int, typer.Option(help="Minutes between forecast origins.")] = 60,
+    days: Annotated[float, typer.Option(help="Days back from each site's newest data to forecast from.")] = 2.0,
+    scenario: Annotated[
+        list[str] | None, typer.Option(help="What-if scenario ids (default: the whole catalogue).")
+    ] = None,
+) -> None:
+    """Forecast every patient with the registered twin, answer the what-ifs, validate, and publish per site."""
+    chosen = sites or sorted(p.stem for p in DEFAULT_MAPPINGS_DIR.glob("*.toml"))
+    table = Table(title="Prediction batches")
+    for column in ("site", "batch", "model", "patients", "forecast rows", "what-if rows", "contract", "s"):
+        table.add_column(column, justify="left" if column in ("site", "batch", "model", "contract") else "right")
+    failed = []
+    for site in chosen:  # one site's failure does not stop the others
+        try:
+            run = site_predict(site, data_dir=data_dir, federation_dir=federation_dir, model_version=model_version,
+                               every_min=every_min, days=days, scenarios=scenario)  # fmt: skip
+        except (PredictionContractFailed, FileNotFoundError, KeyError, ValueError) as error:
+            console.print(f"[red]{site}: {error}[/red]")
+            failed.append(site)
+            continue
+        rows = run["rows"]
+        table.add_row(site, run["batch_id"], run["model_version"], str(run["patients"]), f"{rows['forecast']:,}",
+                      f"{rows['whatif']:,}", "passed", f"{run['seconds']:.1f}")  # fmt: skip
+    console.print(table)
     if failed:
         raise typer.Exit(code=2)
 

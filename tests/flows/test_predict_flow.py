@@ -11,10 +11,12 @@ import polars as pl
 import pytest
 import torch
 from prefect.testing.utilities import prefect_test_harness
+from typer.testing import CliRunner
 
 import flows.predict_flow as predict_flow
 from data_contracts.schema import IMAGE_FEATURE
 from federated.registry import Registry
+from flows.cli import app
 from flows.demo_sites.generate import SitePaths, generate_sites
 from flows.demo_sites.profile import load_profiles
 from flows.features import build_features, read_features, write_features
@@ -118,3 +120,14 @@ def test_an_unknown_model_version_is_a_clear_error(data_dir: Path, harness: None
     """Asking for a version the registry does not hold names the versions it does."""
     with pytest.raises(KeyError, match="twin-0001"):
         site_predict(SITE, data_dir=data_dir, model_version="twin-0042")
+
+
+def test_cli_predicts_and_reports_failures(data_dir: Path, harness: None) -> None:
+    """`twinfed predict` publishes a batch per site and exits 2, naming the site, when one cannot predict."""
+    before = len(read_batches(data_dir, SITE))
+    done = CliRunner().invoke(app, ["predict", SITE, "--data-dir", str(data_dir), "--days", "0.5", "--scenario",
+                                    "basal_minus_10"])  # fmt: skip
+    assert done.exit_code == 0, done.output
+    assert len(read_batches(data_dir, SITE)) == before + 1 and "passed" in done.output
+    missing = CliRunner().invoke(app, ["predict", SITE, "--data-dir", str(data_dir), "--model-version", "twin-0042"])
+    assert missing.exit_code == 2 and "twin-0042" in missing.output
