@@ -24,7 +24,8 @@ the same configuration it continues from the last checkpoint. The finished model
 data contract versions. Rounds go on while `quorum` hospitals remain connected; a site that refuses or fails
 is left out of that round.
 
-Site identity: a deployed SuperNode names its site and data folder in its node_config (`site`, `data-dir`);
+Site identity: a deployed SuperNode names its site and data folder in its node_config (`site`, `data-dir`), and
+its own privacy budget (`epsilon-budget`, `delta`: the server cannot raise them);
 a simulated one (which only has `partition-id`) is the partition-id-th entry of run config `sites` under run
 config `data-dir`. Only a simulated site accepts `dp = false` (plain training, for the non-private baseline): a
 deployed hospital always trains privately.
@@ -119,10 +120,11 @@ def describe(message: Message, context: Context) -> Message:
     config = _config(message)
     site, data_dir = _site(context, config)
     split = _split(site, str(data_dir), _stamp(site, data_dir))
-    ledger = _ledger(site, data_dir, config).summary()
+    ledger = _ledger(site, data_dir, context, config).summary()
     about: dict[str, Any] = {"name": site, **_contract_versions(site, data_dir),
                              "epsilon-spent": float(ledger["epsilon_spent"]),
-                             "epsilon-budget": float(ledger["epsilon_budget"])}  # fmt: skip
+                             "epsilon-budget": float(ledger["epsilon_budget"]),
+                             "delta": float(ledger["delta"])}  # fmt: skip
     content = RecordDict({
         "moments": ArrayRecord(window_moments(split.train).to_arrays()),
         "metrics": MetricRecord({"num-examples": len(split.train)}),
@@ -143,11 +145,11 @@ def train(message: Message, context: Context) -> Message:
     if not private and "site" in context.node_config:
         reason = f"{site} trains only with differential privacy; a non-private round was asked for and refused"
         return Message(error=Error(code=NON_PRIVATE_REFUSED, reason=reason), reply_to=message)
+    ledger = _ledger(site, data_dir, context, config)
     dp = DPConfig(noise_multiplier=float(config["noise-multiplier"]) if private else 0.0,
                   max_grad_norm=float(config["max-grad-norm"]) if private else float("inf"),
-                  patient_sample_rate=float(config["patient-sample-rate"]), delta=float(config["delta"]),
+                  patient_sample_rate=float(config["patient-sample-rate"]), delta=ledger.delta,
                   steps_per_round=int(config["steps-per-round"]))  # fmt: skip
-    ledger = _ledger(site, data_dir, config)
     if private:
         round_id = f"{message.metadata.run_id}:{config.get('server-round', 0)}"
         try:
@@ -242,9 +244,17 @@ def _split(site: str, data_dir: str, stamp: int) -> PatientSplit:
     return split_patients(build_windows(read_features(_features_dir(site, Path(data_dir)))))
 
 
-def _ledger(site: str, data_dir: Path, config: Mapping[str, Any]) -> PrivacyLedger:
-    return PrivacyLedger(data_dir / "sites" / site / "privacy_ledger.json", site_id=site,
-                         epsilon_budget=float(config["epsilon-budget"]), delta=float(config["delta"]))  # fmt: skip
+def _ledger(site: str, data_dir: Path, context: Context, config: Mapping[str, Any]) -> PrivacyLedger:
+    """The site's ledger, with the budget and delta the hospital set.
+
+    A deployed hospital sets them in its node config (`epsilon-budget`, `delta`); the server's run config only
+    supplies them in simulation, so no server can raise a hospital's budget.
+    """
+    node = context.node_config
+    budget = float(node.get("epsilon-budget", config["epsilon-budget"]))
+    delta = float(node.get("delta", config["delta"]))
+    return PrivacyLedger(data_dir / "sites" / site / "privacy_ledger.json", site_id=site, epsilon_budget=budget,
+                         delta=delta)  # fmt: skip
 
 
 def _contract_versions(site: str, data_dir: Path) -> dict[str, str]:
@@ -309,7 +319,7 @@ def federate(grid: Grid, config: Mapping[str, Any], *, run_id: int = 0) -> Regis
         shared["proximal-mu"] = 0.0  # only FedProx pulls the sites' steps toward the global model
 
     nodes = _wait_for_nodes(grid, int(config["min-nodes"]), float(config["node-wait-seconds"]))
-    sites = _describe_sites(grid, nodes, shared)
+    sites = _describe_sites(grid, nodes, shared, timeout=float(config["round-timeout"]))
     resumed = checkpoints.latest() if config["resume"] else None
     if resumed is not None and resumed.fingerprint != fingerprint:
         LOG.warning("checkpoint of round %d is of another configuration; starting afresh", resumed.completed_rounds)
@@ -457,11 +467,11 @@ def _wait_for_nodes(grid: Grid, count: int, seconds: float) -> list[int]:
     return nodes
 
 
-def _describe_sites(grid: Grid, nodes: list[int], config: Mapping[str, Any]) -> dict[int, Message]:
+def _describe_sites(grid: Grid, nodes: list[int], config: Mapping[str, Any], timeout: float) -> dict[int, Message]:
     """Each answering node's description (name, versions, ledger, moments); fail if none answers."""
     queries = [Message(RecordDict({"config": ConfigRecord(dict(config))}), dst_node_id=node, message_type="query")
                for node in nodes]  # fmt: skip
-    answered = list(grid.send_and_receive(queries, timeout=float(config.get("round-timeout", 600.0))))
+    answered = list(grid.send_and_receive(queries, timeout=timeout))
     replies = {r.metadata.src_node_id: r for r in answered if not r.has_error()}
     for failed in (r for r in answered if r.has_error()):
         LOG.warning("node %s did not describe its site: %s", failed.metadata.src_node_id, failed.error.reason)
@@ -504,8 +514,8 @@ def _metadata(
             "rounds_failed": sum(p["status"] == "failed" for p in parts),
             "rounds_absent": len(history) - len(parts),
             "epsilon_spent": trained[-1]["epsilon_spent"] if trained else about.get("epsilon-spent"),
-            "epsilon_budget": float(config["epsilon-budget"]),
-            "delta": float(config["delta"]),
+            "epsilon_budget": float(about.get("epsilon-budget", config["epsilon-budget"])),
+            "delta": float(about.get("delta", config["delta"])),
             "contracts": {k: v for k, v in about.items() if k.endswith("-version")},
         }
     last_evaluated = next((e["evaluation"] for e in reversed(history) if "evaluation" in e), None)

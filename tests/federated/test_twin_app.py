@@ -8,13 +8,14 @@ from typing import Any
 
 import numpy as np
 import pytest
+from flwr.app import Context, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 from flwr.simulation import run_simulation
 
 from data_contracts.schema import IMAGE_FEATURE, SCHEMA_VERSION
 from federated.privacy import PrivacyLedger
 from federated.registry import Checkpoint, Checkpoints, Registry
-from federated.twin_app import DEFAULT_SITES, DEFAULTS, _strategy, client, pooled_metrics, server_app
+from federated.twin_app import DEFAULT_SITES, DEFAULTS, _ledger, _strategy, client, pooled_metrics, server_app
 from flows.demo_sites.generate import SitePaths, generate_sites
 from flows.demo_sites.profile import load_profiles
 from flows.features import build_features, write_features
@@ -134,3 +135,15 @@ def ledger(site: str, data_dir: Path) -> PrivacyLedger:
     """A site's privacy ledger with the app's default budget."""
     return PrivacyLedger(data_dir / "sites" / site / "privacy_ledger.json", site_id=site,
                          epsilon_budget=DEFAULTS["epsilon-budget"], delta=DEFAULTS["delta"])  # fmt: skip
+
+
+def test_a_deployed_hospital_sets_its_own_budget(tmp_path: Path) -> None:
+    """The site's node config decides its budget and delta; the server's run config cannot raise them."""
+    deployed = Context(run_id=1, node_id=1, node_config={"site": "lakeside", "data-dir": str(tmp_path),
+                       "epsilon-budget": 2.0, "delta": 1e-6}, state=RecordDict(), run_config={})  # fmt: skip
+    greedy = DEFAULTS | {"epsilon-budget": 50.0, "delta": 1e-3}
+    ledger = _ledger("lakeside", tmp_path, deployed, greedy)
+    assert (ledger.epsilon_budget, ledger.delta) == (2.0, 1e-6)
+    simulated = Context(run_id=1, node_id=2, node_config={"partition-id": 0, "num-partitions": 3}, state=RecordDict(),
+                        run_config={})  # fmt: skip
+    assert _ledger("aurelia", tmp_path, simulated, greedy).epsilon_budget == 50.0
