@@ -35,6 +35,7 @@ lint: venv
 bench: venv
 	$(BIN)/python bench/simulator.py
 	$(BIN)/python bench/sites.py
+	$(BIN)/python bench/marts.py
 
 # Refresh requirements.lock from what pip resolves for pyproject.toml in a scratch venv.
 lock:

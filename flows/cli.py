@@ -14,6 +14,8 @@ from rich.table import Table
 from flows.demo_sites.generate import SiteSummary, generate_sites
 from flows.demo_sites.profile import DEFAULT_PROFILES_DIR, ProfileError, SiteProfile, load_profiles
 from flows.ingest.mapping import DEFAULT_MAPPINGS_DIR, MappingError
+from flows.marts.cli import app as marts_app
+from flows.marts.cli import query as marts_query
 from flows.predict_flow import PredictionContractFailed, site_predict
 from flows.site_flow import site_ingest
 from models.uva_padova.cohort import simulate_cohort
@@ -30,6 +32,9 @@ app = typer.Typer(
 console = Console()
 sites_app = typer.Typer(help="Demo hospitals: list their profiles, generate their raw drops.", no_args_is_help=True)
 app.add_typer(sites_app, name="sites")
+app.add_typer(marts_app, name="marts")
+# The analyst's everyday command at the top level too: `twinfed query SITE_OR_FEDERATION "SQL"`.
+app.command("query")(marts_query)
 
 DEFAULT_DATA_DIR = Path("data")
 
