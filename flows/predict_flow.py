@@ -7,7 +7,8 @@ offsets stay at the site), forecasts, answers every catalogue scenario (`models.
 prediction contract (`data_contracts.predictions`). A batch that passes is written under
 `data/sites/<site>/predictions/<batch_id>/` for the site mart; one that fails is written under
 `quarantine/predictions/<batch_id>/` with the failed checks and their reasons, is not published, and the flow
-run fails saying so, while the previous batches and mart stay as they were. Every row records the model version
+run fails saying so, while the previous batches and mart stay as they were. After a batch passes, the site's
+DuckDB mart is rebuilt and published (`flows.marts`). Every row records the model version
 and its input cut-off. Logs and artifacts carry counts and check names only, never a patient row.
 """
 
@@ -30,6 +31,7 @@ from data_contracts.gx_runner import run_contract
 from data_contracts.predictions import PREDICTION_CONTRACT_VERSION, prediction_checks
 from federated.registry import RegisteredModel, Registry
 from flows.features import read_features
+from flows.marts.flow import publish_site_mart
 from flows.site_store import SiteStore, write_json_atomic, write_parquet_atomic
 from models.twin import Windows, apply, build_windows, calibrate, predict, split_patients
 from models.twin.conformal import Calibration
@@ -122,8 +124,12 @@ def site_predict(
     days: float = 2.0,
     scenarios: list[str] | None = None,
     max_input_lag_min: float = 60.0,
+    publish: bool = True,
 ) -> dict[str, Any]:
-    """Forecast every patient of `site` with the registered twin, answer the what-ifs, validate, publish."""
+    """Forecast every patient of `site` with the registered twin, answer the what-ifs, validate, publish.
+
+    With `publish` a passing batch is followed by a rebuild of the site's mart (and its share for the federation).
+    """
     logger = get_run_logger()
     started = time.perf_counter()
     data_dir = Path(data_dir).resolve()
@@ -178,6 +184,10 @@ def site_predict(
             "published; the previous predictions and mart stay live. See batch.json there for the reasons."
         )
     logger.info("%s: batch %s published: %s rows, %s patients", site, batch_id, summary["rows"], summary["patients"])
+    if publish:
+        mart = publish_site_mart(data_dir, site)
+        summary["mart"] = str(mart.database)
+        logger.info("%s: site mart published at %s", site, mart.database)
     return summary
 
 

@@ -6,6 +6,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+import duckdb
 import numpy as np
 import polars as pl
 import pytest
@@ -47,7 +48,8 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     batch = ingest_records(SitePaths.under(folder, SITE).drop, mapping_for(SITE), secret=bytes(range(32)),
                            workdir=folder / "work", build_docs=False)  # fmt: skip
     store = SiteStore.under(folder, SITE)
-    write_parquet_atomic(batch.tables["measurement"], store.table_path("measurement"))
+    for name, table in batch.tables.items():
+        write_parquet_atomic(table, store.table_path(name))
     write_features(build_features(batch.tables | {"image_feature": IMAGE_FEATURE.empty()}), store.features)
     torch.manual_seed(0)
     train = split_patients(build_windows(read_features(store.features))).train
@@ -88,6 +90,9 @@ def test_batch_has_every_patient_horizon_and_scenario(data_dir: Path, harness: N
     meals = whatif.filter(pl.col("scenario_id") == "larger_meal")
     assert 0 < meals.height < forecast.height and (meals["q50"] >= meals["baseline_q50"] - 1e-6).all()
     assert read_batches(data_dir, SITE)[-1]["batch_id"] == summary["batch_id"]
+    with duckdb.connect(summary["mart"], read_only=True) as mart:  # published to the site's mart
+        count = mart.execute("SELECT count(*) FROM fct_glucose_forecast WHERE batch_id = ?", [summary["batch_id"]])
+        assert count.fetchone() == (forecast.height,)
 
 
 def test_a_batch_failing_its_contract_is_quarantined_not_published(
@@ -95,6 +100,8 @@ def test_a_batch_failing_its_contract_is_quarantined_not_published(
 ) -> None:
     """A model gone wrong (a median of 900 mg/dL for one window): quarantined with the reason; published unchanged."""
     published = read_batches(data_dir, SITE)
+    mart = SiteStore.under(data_dir, SITE).root / "mart" / "site.duckdb"
+    mart_before = mart.read_bytes()
     real_predict = predict_flow.predict
 
     def broken(model: TwinSurrogate, windows: object) -> np.ndarray:
@@ -105,7 +112,7 @@ def test_a_batch_failing_its_contract_is_quarantined_not_published(
     monkeypatch.setattr(predict_flow, "predict", broken)
     with pytest.raises(PredictionContractFailed, match="q50.plausible_range.*not published"):
         site_predict(SITE, data_dir=data_dir, every_min=60, days=1.0, scenarios=["bolus_plus_20"])
-    assert read_batches(data_dir, SITE) == published
+    assert read_batches(data_dir, SITE) == published and mart.read_bytes() == mart_before  # the old mart stays
     quarantined = list((SiteStore.under(data_dir, SITE).root / "quarantine" / "predictions").iterdir())
     assert len(quarantined) == 1
     batch = json.loads((quarantined[0] / "batch.json").read_text())
