@@ -17,6 +17,7 @@ from flows.ingest.mapping import DEFAULT_MAPPINGS_DIR, MappingError
 from flows.marts.cli import app as marts_app
 from flows.marts.cli import query as marts_query
 from flows.predict_flow import PredictionContractFailed, site_predict
+from flows.report import write_reports
 from flows.site_flow import site_ingest
 from models.uva_padova.cohort import simulate_cohort
 from models.uva_padova.export import DEMO_START, cohort_summary, write_cohort
@@ -187,6 +188,24 @@ def predict(
     console.print(table)
     if failed:
         raise typer.Exit(code=2)
+
+
+@app.command()
+def report(
+    sites: Annotated[list[str] | None, typer.Argument(help="Site ids (default: every site with a mapping).")] = None,
+    data_dir: Annotated[Path, typer.Option(help="Stores under DATA_DIR/sites.")] = DEFAULT_DATA_DIR,
+    federation_dir: Annotated[
+        Path | None, typer.Option(help="Federation folder (default DATA_DIR/federation).")
+    ] = None,
+) -> None:
+    """Write an offline HTML page per site mart (kept at the site) and one for the federation mart."""
+    chosen = sites or sorted(p.stem for p in DEFAULT_MAPPINGS_DIR.glob("*.toml"))
+    pages = write_reports(data_dir, federation_dir or data_dir / "federation", chosen)
+    if not pages:
+        console.print("[red]No published mart to report on[/red]: run `twinfed predict` (and `twinfed marts build`).")
+        raise typer.Exit(code=2)
+    for page in pages:
+        console.print(f"{page.target}: [bold]{page.path}[/bold] ({page.plots} plots)")
 
 
 @app.command()
