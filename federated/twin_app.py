@@ -381,6 +381,7 @@ class _Tracked(Strategy):
 
     def __init__(self, inner: FedAvg, *, offset: int, history: list[dict[str, Any]], names: dict[int, str]) -> None:
         self.inner, self.offset, self.history, self.names = inner, offset, history, names
+        self._sent: list[Message] = []  # this round's messages: a reply names its node through them
 
     def summary(self) -> None:
         """Log the wrapped strategy's summary."""
@@ -388,7 +389,8 @@ class _Tracked(Strategy):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Any:
         """The wrapped strategy's training messages, for the absolute round number."""
-        return self.inner.configure_train(server_round + self.offset, arrays, config, grid)
+        self._sent = list(self.inner.configure_train(server_round + self.offset, arrays, config, grid))
+        return self._sent
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> Any:
         """Record who trained, refused or failed; then aggregate as the wrapped strategy does."""
@@ -411,7 +413,8 @@ class _Tracked(Strategy):
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Any:
         """The wrapped strategy's evaluation messages, for the absolute round number."""
-        return self.inner.configure_evaluate(server_round + self.offset, arrays, config, grid)
+        self._sent = list(self.inner.configure_evaluate(server_round + self.offset, arrays, config, grid))
+        return self._sent
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> Any:
         """Pool the sites' error sums into RMSE and coverage (per site and overall) for this round's record."""
@@ -437,7 +440,10 @@ class _Tracked(Strategy):
     def _name(self, reply: Message) -> str:
         if not reply.has_error() and "site" in reply.content.config_records:
             return str(reply.content.config_records["site"]["name"])
-        node = reply.metadata.src_node_id
+        # The SuperLink answers for a node that died ("Node Unavailable") from its own id, not the node's: name the
+        # node the message was sent to (the grid gives each sent message its id).
+        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in self._sent}
+        node = sent_to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
         return self.names.get(node, f"node-{node}")
 
 
