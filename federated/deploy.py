@@ -579,10 +579,30 @@ def simulate(
     # Flower 1.42 wants these here: `options.*` in the connection still works but is deprecated.
     federation_config = f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_node}"
     try:
-        run_id = operator.submit(staged, config_file, federation_config)
+        try:
+            run_id = operator.submit(staged, config_file, federation_config)
+        except DeploymentError as error:
+            # flwr 1.42 gives the managed SuperLink a fixed 15 s to come up (cli/constant.py); on a busy machine it
+            # takes longer but keeps starting: submit once more once it listens.
+            if "Failed to start local SuperLink within" not in str(error):
+                raise
+            _wait_for_port(int(ports["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"]), timeout=120.0)
+            run_id = operator.submit(staged, config_file, federation_config)
         return operator.wait(run_id, log=flwr_home / f"run-{run_id}.log", timeout=timeout)
     finally:
         stop_processes(local_superlinks(flwr_home))
+
+
+def _wait_for_port(port: int, *, timeout: float, host: str = "127.0.0.1") -> None:
+    """Return once something accepts connections on host:port; DeploymentError after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as probe:
+            probe.settimeout(1.0)
+            if probe.connect_ex((host, port)) == 0:
+                return
+        time.sleep(0.5)
+    raise DeploymentError(f"nothing listens on {host}:{port} after {timeout:g} s")
 
 
 def local_superlinks(flwr_home: Path) -> list[ProcessRecord]:
