@@ -24,12 +24,13 @@ from models.twin import (
 from models.twin.windows import NORMALIZED
 
 
-def twin(seed: int, hidden: int = 128) -> TwinSurrogate:
-    """A small untrained twin with a made-up normalizer."""
+def twin(seed: int, hidden: int | None = None) -> TwinSurrogate:
+    """A small untrained twin with a made-up normalizer (the default architecture unless `hidden` is given)."""
     torch.manual_seed(seed)
     n = len(NORMALIZED)
     moments = Moments(count=np.full(n, 10.0), total=np.arange(n) * 10.0, total_sq=np.arange(n) ** 2 * 10.0 + 40.0)
-    return TwinSurrogate(Normalizer.fit_from_moments(moments), hidden=hidden)
+    normalizer = Normalizer.fit_from_moments(moments)
+    return TwinSurrogate(normalizer) if hidden is None else TwinSurrogate(normalizer, hidden=hidden)
 
 
 def checkpoint(rounds: int, fingerprint: str = "abc") -> Checkpoint:

@@ -209,6 +209,28 @@ def test_quantiles_never_cross(scale: float) -> None:
     assert (pred[..., 0] <= pred[..., 1]).all() and (pred[..., 1] <= pred[..., 2]).all()
 
 
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**16), channel=st.sampled_from([0, 1, 2]), step=st.integers(0, HORIZON_STEPS - 1))
+def test_planned_insulin_never_raises_and_carbs_never_lower_the_median(seed: int, channel: int, step: int) -> None:
+    """For any weights, more planned basal or bolus never raises the median; more carbohydrate never lowers it."""
+    torch.manual_seed(seed)
+    model = TwinSurrogate(unit_normalizer())
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter))
+        history, future, static = random_inputs(64, 1.0, seed=seed)
+        more = future.clone()
+        more[:, step, channel] += 2.0
+        change = model(history, more, static)[..., 1] - model(history, future, static)[..., 1]
+
+    assert torch.isfinite(change).all()
+    if channel == 2:
+        assert (change >= -1e-3).all() and (change[:, step:] > 0).any()
+    else:
+        assert (change <= 1e-3).all() and (change[:, step:] < 0).any()
+    assert (change[:, :step].abs() <= 1e-3).all()  # a dose does nothing before it is taken
+
+
 def test_pinball_loss_is_per_window_and_masks_nan() -> None:
     """Per-window losses; NaN or masked-out bins add nothing and pass no NaN into gradients."""
     pred = torch.tensor([[[90.0, 100.0, 110.0]] * HORIZON_STEPS] * 3, requires_grad=True)
