@@ -14,7 +14,7 @@ from models.uva_padova.scenario import MealPlan
 from models.uva_padova.sensor import CGMSensorSpec
 from models.uva_padova.therapy import BasalBolusTherapy
 
-AlterationKind = Literal["skip_bolus", "scale_bolus", "scale_basal", "scale_meal", "shift_meal"]
+AlterationKind = Literal["skip_bolus", "scale_bolus", "scale_basal", "scale_meal", "scale_meal_carbs", "shift_meal"]
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,8 @@ class Alteration:
     - scale_bolus: every bolus in the window is multiplied by `factor`.
     - scale_basal: the basal rate is multiplied by `factor` for the whole window.
     - scale_meal: the first meal in the window is `factor` times larger (and counted as such).
+    - scale_meal_carbs: the first meal in the window is `factor` times larger, its bolus unchanged (eaten, not
+      counted: the patient boluses for the meal they planned).
     - shift_meal: the first meal in the window, and its bolus, happen `minutes` later.
     """
 
@@ -48,6 +50,8 @@ class Alteration:
                 ),
                 None,
             )
+        if self.kind == "scale_meal_carbs":
+            return replace(plan, carbs_g=np.where(first, plan.carbs_g * self.factor, plan.carbs_g)), None
         if self.kind == "shift_meal":
             return replace(plan, minute=np.where(first, plan.minute + self.minutes, plan.minute)), None
         if self.kind == "scale_basal":

@@ -38,10 +38,11 @@ def test_factual_replay_reproduces_the_recorded_run(recorded) -> None:  # type: 
         (Alteration("scale_bolus", factor=1.2), -1),
         (Alteration("scale_basal", factor=0.9), +1),
         (Alteration("scale_meal", factor=1.5), +1),
+        (Alteration("scale_meal_carbs", factor=1.5), +1),
     ],
 )
 def test_alteration_moves_mean_glucose_the_right_way(recorded, alteration: Alteration, direction: int) -> None:  # type: ignore[no-untyped-def]
-    """Skipping a bolus, less basal or a bigger meal raise 6-hour mean glucose; a bigger bolus lowers it."""
+    """Skipping a bolus, less basal or a bigger meal (bolused or not) raise mean glucose; a bigger bolus lowers it."""
     run = replay(recorded, alteration)
     change = run.counterfactual.bg.mean(axis=1) - run.factual.bg.mean(axis=1)
     # Patients with a meal in the window respond; the sign holds for the cohort mean and most patients.
