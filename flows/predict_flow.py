@@ -33,13 +33,14 @@ from federated.registry import RegisteredModel, Registry
 from flows.features import read_features
 from flows.marts.flow import publish_site_mart
 from flows.site_store import SiteStore, write_json_atomic, write_parquet_atomic
-from models.twin import Windows, apply, build_windows, calibrate, predict, split_patients
+from models.twin import TwinSurrogate, Windows, apply, build_windows, calibrate, predict, split_patients
 from models.twin.conformal import Calibration
 from models.twin.forecast import forecast_windows
 from models.twin.scenarios import CATALOGUE, Scenario, apply_scenario, scenario
 
 BIN_MIN = 5
 HORIZONS = np.arange(1, 25) * BIN_MIN  # minutes after the origin bin's start: target bins 1..24
+SENSOR_RANGE_MG_DL = (39.0, 600.0)  # what CGM sensors report (the harmonized contract's CGM range too)
 
 
 class PredictionContractFailed(RuntimeError):
@@ -70,13 +71,13 @@ def forecast_batch(
     last_ms = int(features.grid["bin_start"].dt.epoch("ms").max() or 0)  # type: ignore[arg-type]
     since = np.datetime64(last_ms - int(days * 86_400_000), "ms")
     windows = forecast_windows(features, every_bins=max(every_min // BIN_MIN, 1), since=since)
-    baseline = apply(predict(model, windows), calibration)
+    baseline = _forecast(model, windows, calibration)
     frames = {"forecast": _rows(windows, baseline, registered.version)}
     whatifs = []
     for chosen in scenarios:
         changed, applies = apply_scenario(windows, chosen)
         subset = changed.select(np.flatnonzero(applies))
-        answer = apply(predict(model, subset), calibration)
+        answer = _forecast(model, subset, calibration)
         rows = _rows(subset, answer, registered.version).with_columns(
             pl.lit(chosen.scenario_id).alias("scenario_id"),
             pl.Series("baseline_q50", baseline[applies][:, :, 1].reshape(-1)),
@@ -86,14 +87,19 @@ def forecast_batch(
     return {"frames": frames, "calibration": calibration, "windows": len(windows)}
 
 
-def _rows(windows: Windows, quantiles: np.ndarray, version: str) -> pl.DataFrame:
-    """One row per window and horizon: pseudonymous person, cut-off, target bin, calibrated quantiles.
+def _forecast(model: TwinSurrogate, windows: Windows, calibration: Calibration) -> np.ndarray:
+    """Calibrated quantiles, clipped to what a CGM sensor reports (39-600 mg/dL), as glucose forecasts are shown.
 
-    A lower bound under 0 mg/dL is raised to 0: glucose is never negative, so no coverage is lost.
+    The twin's dose responses are linear and can run past the body's floor within two hours. Clipping keeps the
+    quantiles in order; the contract still catches what clipping cannot (NaN, missing horizons, unregistered
+    versions).
     """
+    return np.clip(apply(predict(model, windows), calibration), *SENSOR_RANGE_MG_DL)
+
+
+def _rows(windows: Windows, quantiles: np.ndarray, version: str) -> pl.DataFrame:
+    """One row per window and horizon: pseudonymous person, cut-off, target bin, calibrated quantiles."""
     n, steps = len(windows), len(HORIZONS)
-    quantiles = quantiles.copy()
-    quantiles[:, :, 0] = np.maximum(quantiles[:, :, 0], 0.0)
     t0 = windows.t0.astype("datetime64[ms]").astype(np.int64)
     cutoff_ms = np.repeat(t0 + BIN_MIN * 60_000, steps)
     return pl.DataFrame(

@@ -98,7 +98,7 @@ def test_batch_has_every_patient_horizon_and_scenario(data_dir: Path, harness: N
 def test_a_batch_failing_its_contract_is_quarantined_not_published(
     data_dir: Path, harness: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A model gone wrong (a median of 900 mg/dL for one window): quarantined with the reason; published unchanged."""
+    """A model gone wrong (a NaN median for one window): quarantined with the reason; published unchanged."""
     published = read_batches(data_dir, SITE)
     mart = SiteStore.under(data_dir, SITE).root / "mart" / "site.duckdb"
     mart_before = mart.read_bytes()
@@ -106,7 +106,7 @@ def test_a_batch_failing_its_contract_is_quarantined_not_published(
 
     def broken(model: TwinSurrogate, windows: object) -> np.ndarray:
         out = real_predict(model, windows)  # type: ignore[arg-type]
-        out[0, 10, 1] = 900.0
+        out[0, 10, 1] = np.nan  # clipping to the sensor range cannot mend this
         return out
 
     monkeypatch.setattr(predict_flow, "predict", broken)
