@@ -25,9 +25,10 @@ console = Console()
 
 DEFAULT_DATA_DIR = Path("data")
 MAX_CELL = 48  # characters of a value shown in the printed table
-DEFAULT_FEDERATION_DIR = DEFAULT_DATA_DIR / "federation"
 DataDir = Annotated[Path, typer.Option(help="Site stores under DATA_DIR/sites.")]
-FederationDir = Annotated[Path, typer.Option(help="Federation folder (registry, federation mart).")]
+FederationDir = Annotated[
+    Path | None, typer.Option(help="Federation folder: registry, federation mart (default DATA_DIR/federation).")
+]
 Target = Annotated[str, typer.Argument(help=f"A site id, or '{FEDERATION}'.", show_default=False)]
 
 
@@ -35,7 +36,7 @@ Target = Annotated[str, typer.Argument(help=f"A site id, or '{FEDERATION}'.", sh
 def build(
     sites: Annotated[list[str] | None, typer.Argument(help="Site ids (default: every site with a store).")] = None,
     data_dir: DataDir = DEFAULT_DATA_DIR,
-    federation_dir: FederationDir = DEFAULT_FEDERATION_DIR,
+    federation_dir: FederationDir = None,
     federation: Annotated[bool, typer.Option(help="Build the federation mart after the site marts.")] = True,
 ) -> None:
     """Build and publish each site's mart and share, then the federation mart (readers are never blocked)."""
@@ -59,7 +60,7 @@ def build(
         table.add_row(site, str(summary.database), f"{summary.bytes / 1e6:.1f}", f"{summary.seconds:.1f}", facts)
     if federation:
         try:
-            fed = build_federation_mart(data_dir, federation_dir)
+            fed = build_federation_mart(data_dir, federation_dir or data_dir / "federation")
             facts = f"{len(fed.sites)} sites, {len(fed.model_versions)} model versions"
             table.add_row(FEDERATION, str(fed.database), f"{fed.bytes / 1e6:.1f}", f"{fed.seconds:.1f}", facts)
         except MartBuildError as error:
@@ -80,11 +81,13 @@ def query(
     ] = None,
     limit: Annotated[int, typer.Option(min=0, help="Rows to print (exports get all).")] = 50,
     data_dir: DataDir = DEFAULT_DATA_DIR,
-    federation_dir: FederationDir = DEFAULT_FEDERATION_DIR,
+    federation_dir: FederationDir = None,
 ) -> None:
     """Run a read-only query on a site's mart or the federation mart; print it as a table, optionally export it."""
     try:
-        con = connect_read_only(mart_path(target, data_dir=data_dir, federation_dir=federation_dir))
+        con = connect_read_only(
+            mart_path(target, data_dir=data_dir, federation_dir=federation_dir or data_dir / "federation")
+        )
         try:
             result = run_query(con, sql)
         finally:
@@ -107,7 +110,7 @@ def describe(
     target: Target,
     table: Annotated[str | None, typer.Argument(help="A table: list its columns (default: list the tables).")] = None,
     data_dir: DataDir = DEFAULT_DATA_DIR,
-    federation_dir: FederationDir = DEFAULT_FEDERATION_DIR,
+    federation_dir: FederationDir = None,
 ) -> None:
     """List a mart's tables with their comments, or one table's columns with theirs."""
     if table is None:
@@ -117,7 +120,9 @@ def describe(
         sql = (f"SELECT column_name, data_type, comment FROM duckdb_columns() WHERE table_name = '{name}' "
                "ORDER BY column_index")  # fmt: skip
     try:
-        con = connect_read_only(mart_path(target, data_dir=data_dir, federation_dir=federation_dir))
+        con = connect_read_only(
+            mart_path(target, data_dir=data_dir, federation_dir=federation_dir or data_dir / "federation")
+        )
         try:
             result = run_query(con, sql)
         finally:
