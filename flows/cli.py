@@ -11,12 +11,14 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from federated.registry import Registry
 from flows.demo_sites.generate import SiteSummary, generate_sites
 from flows.demo_sites.profile import DEFAULT_PROFILES_DIR, ProfileError, SiteProfile, load_profiles
 from flows.ingest.mapping import DEFAULT_MAPPINGS_DIR, MappingError
 from flows.marts.cli import app as marts_app
 from flows.marts.cli import query as marts_query
-from flows.predict_flow import PredictionContractFailed, site_predict
+from flows.marts.flow import publish_marts
+from flows.predict_flow import PredictionContractFailed, read_batches, site_predict
 from flows.report import write_reports
 from flows.site_flow import site_ingest
 from models.uva_padova.cohort import simulate_cohort
@@ -157,6 +159,60 @@ def ingest(
 
 
 @app.command()
+def train(
+    sites: Annotated[list[str] | None, typer.Argument(help="Site ids (default: every site with features).")] = None,
+    data_dir: Annotated[Path, typer.Option(help="Stores under DATA_DIR/sites.")] = DEFAULT_DATA_DIR,
+    federation_dir: Annotated[
+        Path | None, typer.Option(help="Checkpoints and registry (default DATA_DIR/federation).")
+    ] = None,
+    run_config: Annotated[
+        str, typer.Option(help="Run-config overrides, e.g. 'num-server-rounds=5 strategy=\"fedprox\"'.")
+    ] = "",
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the run.")] = 1800.0,
+) -> None:
+    """Train the twin by federated simulation (`flwr run`, one virtual hospital per site) with patient-level DP."""
+    from flwr.common.config import parse_config_args  # noqa: PLC0415 (flwr's CLI stack: slow to import)
+
+    from federated.deploy import DeploymentError, simulate  # noqa: PLC0415
+
+    data_dir = data_dir.resolve()
+    chosen = sites or sorted(p.name for p in (data_dir / "sites").glob("*") if (p / "features").is_dir())
+    if not chosen:
+        console.print(f"[red]No site has training features under {data_dir / 'sites'}[/red]: run `twinfed ingest`.")
+        raise typer.Exit(code=2)
+    federation = (federation_dir or data_dir / "federation").resolve()
+    config = {"sites": ",".join(chosen), "data-dir": str(data_dir), "federation-dir": str(federation),
+              "min-nodes": len(chosen), "quorum": min(2, len(chosen))}  # fmt: skip
+    config |= parse_config_args([run_config] if run_config else None)
+    started = time.perf_counter()
+    with console.status(f"Federated training over {', '.join(chosen)} (Flower simulation)..."):
+        try:
+            simulate(config, flwr_home=federation / "flwr-home", num_supernodes=len(chosen), timeout=timeout).check()
+        except DeploymentError as error:
+            console.print(f"[red]Training failed[/red]: {error}")
+            raise typer.Exit(code=2) from error
+    latest = Registry(federation).latest()
+    assert latest is not None  # a completed run registers its model
+    _print_model(latest.version, latest.metadata, time.perf_counter() - started)
+
+
+def _print_model(version: str, meta: dict[str, Any], elapsed: float) -> None:
+    table = Table(title=f"Registered {version}: {meta['rounds']} rounds, {meta['strategy']}, {elapsed:.0f} s")
+    for column in ("site", "examples", "rounds trained", "refused", "epsilon spent", "budget"):
+        table.add_column(column, justify="left" if column == "site" else "right")
+    for site, part in meta["sites"].items():
+        spent = part["epsilon_spent"]
+        table.add_row(site, f"{part['examples']:,}", str(part["rounds_trained"]), str(part["rounds_refused"]),
+                      "-" if spent is None else f"{spent:.2f}", f"{part['epsilon_budget']:g}")  # fmt: skip
+    console.print(table)
+    metrics = meta.get("metrics") or {}
+    if metrics.get("rmse-30") is not None:
+        rmse, persistence, coverage = metrics["rmse-30"], metrics["persistence-rmse-30"], metrics["coverage-90"]
+        console.print(f"Held-out test patients: RMSE 30 min {rmse:.1f} mg/dL (persistence {persistence:.1f}), "
+                      f"90% interval coverage {coverage:.3f}")  # fmt: skip
+
+
+@app.command()
 def predict(
     sites: Annotated[list[str] | None, typer.Argument(help="Site ids (default: every site with a mapping).")] = None,
     data_dir: Annotated[Path, typer.Option(help="Stores under DATA_DIR/sites.")] = DEFAULT_DATA_DIR,
@@ -213,13 +269,41 @@ def demo(
     data_dir: Annotated[Path, typer.Option(help="Where the demo writes everything.")] = DEFAULT_DATA_DIR,
     profiles: Annotated[Path, typer.Option(help="Folder of site profiles (*.toml).")] = DEFAULT_PROFILES_DIR,
 ) -> None:
-    """Run the demo on embedded defaults: generate the demo hospitals' drops (if absent), then run each site's flow."""
+    """The whole pipeline on embedded defaults: sites, site flows, federated DP training, predictions, marts, report.
+
+    Each stage that has nothing new to do is skipped; training spends privacy budget, so it runs only while no
+    model is registered.
+    """
     chosen = _load_profiles_or_exit(profiles)
+    site_ids = [p.site.id for p in chosen]
     missing = [p for p in chosen if not (data_dir / "drops" / p.site.id).is_dir()]
     if missing:
         started = time.perf_counter()
         _print_sites(generate_sites(missing, data_dir, workers=2), time.perf_counter() - started, data_dir)
-    ingest(sites=[p.site.id for p in chosen], data_dir=data_dir, mappings=DEFAULT_MAPPINGS_DIR, force=False, docs=True)
+    ingest(sites=site_ids, data_dir=data_dir, mappings=DEFAULT_MAPPINGS_DIR, force=False, docs=True)
+    federation = data_dir / "federation"
+    registered = Registry(federation).latest()
+    if registered is None:
+        train(sites=site_ids, data_dir=data_dir, federation_dir=federation, run_config="", timeout=1800.0)
+        registered = Registry(federation).latest()
+    else:
+        console.print(f"Twin {registered.version} is registered: not training again (it would spend privacy budget).")
+    assert registered is not None
+    stale = [s for s in site_ids if registered.version not in {b["model_version"] for b in read_batches(data_dir, s)}]
+    if stale:
+        predict(sites=stale, data_dir=data_dir, federation_dir=federation, model_version=registered.version,
+                every_min=60, days=2.0, scenario=None)  # fmt: skip
+    publish_marts(sites=[], data_dir=data_dir, federation_dir=federation, federation=True)
+    report(sites=site_ids, data_dir=data_dir, federation_dir=federation)
+    console.print(
+        f"\nMarts: {data_dir}/sites/<site>/mart/site.duckdb (each site's own) and {federation}/mart/federation.duckdb. "
+        "Try:\n"
+        f'  twinfed query {site_ids[0]} "SELECT horizon_min, rmse_mg_dl, persistence_rmse_mg_dl, coverage_90_pct '
+        'FROM mart_forecast_accuracy ORDER BY horizon_min"\n'
+        f'  twinfed query {site_ids[0]} "SELECT scenario_id, horizon_min, median_change_mg_dl FROM mart_whatif_effect '
+        'WHERE horizon_min = 120"\n'
+        '  twinfed query federation "SELECT site_id, round_id, epsilon_after, epsilon_budget FROM fct_privacy_ledger"'
+    )
 
 
 def _load_profiles_or_exit(folder: Path) -> list[SiteProfile]:
