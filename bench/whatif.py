@@ -590,7 +590,6 @@ def load_twin(
         metadata = {k: v for k, v in latest.metadata.items() if k != "normalizer"}
         return latest.model(), {"source": "registry", "path": str(latest.path), "metadata": metadata}
     from federated.baselines import TrainingBudget, pooled
-
     from flows.features import read_features
     from models.twin import Normalizer, TwinSurrogate, build_windows, load_state_arrays, split_patients, state_arrays
 

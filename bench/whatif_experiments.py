@@ -239,7 +239,6 @@ def _batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[to
 def train_variant(name: str, splits: dict[str, Any], budget: Any) -> tuple[nn.Module, dict[str, Any]]:
     """One pooled variant on every site's train patients, normalized by the summed moments (as the bench's twin)."""
     from federated.baselines import concat_windows
-
     from models.twin import TwinSurrogate, window_moments
 
     trains = [split.train for split in splits.values()]
@@ -273,7 +272,6 @@ def main() -> None:
     from dataclasses import replace
 
     from federated.baselines import TrainingBudget
-
     from flows.features import read_features
     from models.twin import build_windows, split_patients
 

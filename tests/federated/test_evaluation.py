@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
+from tiny_sites import ingested_features
 
-from data_contracts.schema import IMAGE_FEATURE
 from federated.evaluation import (
     SiteTruth,
     clarke_shares,
@@ -19,12 +19,7 @@ from federated.evaluation import (
     rmse,
     truth_at_targets,
 )
-from flows.demo_sites.generate import SitePaths, generate_sites
-from flows.demo_sites.profile import load_profiles
-from flows.features import build_features
-from flows.ingest.mapping import mapping_for
-from flows.ingest.pseudonym import load_or_create_secret
-from flows.ingest.records import ingest_records
+from flows.demo_sites.generate import SitePaths
 from models.twin import HORIZON_STEPS, Windows, build_windows
 
 # (reference, forecast) pairs in mg/dL that fall inside each zone of Clarke et al. (1987), away from its lines.
@@ -85,12 +80,7 @@ SITE = "aurelia"  # FHIR: the site pseudonymizes the server's Patient.id, not th
 def tiny_site(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Windows]:
     """A 4-patient, 2-day Aurelia through ingestion and features, its secret where the site flow keeps it."""
     folder = tmp_path_factory.mktemp("truth")
-    profile = next(p for p in load_profiles() if p.site.id == SITE).with_overrides(patients=4, days=2)
-    generate_sites([profile], folder, workers=1)
-    secret = load_or_create_secret(folder / "sites" / SITE / "secret.key")
-    batch = ingest_records(SitePaths.under(folder, SITE).drop, mapping_for(SITE), secret=secret,
-                           workdir=folder / "work", build_docs=False)  # fmt: skip
-    features = build_features(batch.tables | {"image_feature": IMAGE_FEATURE.empty()})
+    features = ingested_features(folder, SITE, patients=4, days=2)
     return folder, build_windows(features, stride=6)
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import numpy as np
@@ -291,15 +290,6 @@ def test_calibration_offset_is_the_finite_sample_quantile() -> None:
 
 
 # --- on a generated site -------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def one_thread() -> Iterator[None]:
-    """One torch thread: the model is small, and on a shared 2-core runner two threads contend badly."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
