@@ -17,10 +17,11 @@ from flows.demo_sites.profile import DEFAULT_PROFILES_DIR, ProfileError, SitePro
 from flows.ingest.mapping import DEFAULT_MAPPINGS_DIR, MappingError
 from flows.marts.cli import app as marts_app
 from flows.marts.cli import query as marts_query
-from flows.marts.flow import publish_marts
-from flows.predict_flow import PredictionContractFailed, read_batches, site_predict
+from flows.pipeline import StageFailed, federation_round, twinfed_run
+from flows.predict_flow import PredictionContractFailed, site_predict
 from flows.report import write_reports
 from flows.site_flow import site_ingest
+from flows.status import federation_status, site_status, status_json, status_lines, status_sites, status_table
 from models.uva_padova.cohort import simulate_cohort
 from models.uva_padova.export import DEMO_START, cohort_summary, write_cohort
 from models.uva_padova.population import expand_population
@@ -40,6 +41,9 @@ app.add_typer(marts_app, name="marts")
 app.command("query")(marts_query)
 
 DEFAULT_DATA_DIR = Path("data")
+# `twinfed demo`'s hospitals: the profiles' sites, smaller (the profiles say 100 patients x 14 days each).
+DEMO_PATIENTS = 40
+DEMO_DAYS = 7
 
 
 @app.command()
@@ -173,7 +177,7 @@ def train(
     """Train the twin by federated simulation (`flwr run`, one virtual hospital per site) with patient-level DP."""
     from flwr.common.config import parse_config_args  # noqa: PLC0415 (flwr's CLI stack: slow to import)
 
-    from federated.deploy import DeploymentError, simulate  # noqa: PLC0415
+    from federated.deploy import DeploymentError  # noqa: PLC0415
 
     data_dir = data_dir.resolve()
     chosen = sites or sorted(p.name for p in (data_dir / "sites").glob("*") if (p / "features").is_dir())
@@ -181,13 +185,11 @@ def train(
         console.print(f"[red]No site has training features under {data_dir / 'sites'}[/red]: run `twinfed ingest`.")
         raise typer.Exit(code=2)
     federation = (federation_dir or data_dir / "federation").resolve()
-    config = {"sites": ",".join(chosen), "data-dir": str(data_dir), "federation-dir": str(federation),
-              "min-nodes": len(chosen), "quorum": min(2, len(chosen))}  # fmt: skip
-    config |= parse_config_args([run_config] if run_config else None)
     started = time.perf_counter()
     with console.status(f"Federated training over {', '.join(chosen)} (Flower simulation)..."):
         try:
-            simulate(config, flwr_home=federation / "flwr-home", num_supernodes=len(chosen), timeout=timeout).check()
+            federation_round(str(data_dir), chosen, str(federation), parse_config_args([run_config] if run_config
+                             else None), timeout=timeout)  # fmt: skip
         except DeploymentError as error:
             console.print(f"[red]Training failed[/red]: {error}")
             raise typer.Exit(code=2) from error
@@ -265,44 +267,109 @@ def report(
 
 
 @app.command()
+def status(
+    sites: Annotated[list[str] | None, typer.Argument(help="Site ids (default: every site with a drop or store).")] = (
+        None
+    ),
+    data_dir: Annotated[Path, typer.Option(help="Drops under DATA_DIR/drops, stores under DATA_DIR/sites.")] = (
+        DEFAULT_DATA_DIR
+    ),
+    federation_dir: Annotated[Path | None, typer.Option(help="Registry and federation mart folder.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of the table.")] = False,
+) -> None:
+    """Per site: last drop, last flow run, quarantine, privacy spent, live model, mart; exit 2 if a stage failed."""
+    federation = federation_dir or data_dir / "federation"
+    found = [site_status(data_dir, site, federation) for site in sites or status_sites(data_dir)]
+    overall = federation_status(federation, found)
+    if as_json:
+        typer.echo(status_json(found, overall))
+    else:
+        console.print(status_table(found))
+        for line in status_lines(found, overall):
+            console.print(line)
+    if any(s.failed for s in found):
+        raise typer.Exit(code=2)
+
+
+@app.command("run")
+def run_pipeline(
+    sites: Annotated[list[str] | None, typer.Argument(help="Site ids (default: every site with a mapping).")] = None,
+    data_dir: Annotated[Path, typer.Option(help="Drops under DATA_DIR/drops; stores, models, marts under it.")] = (
+        DEFAULT_DATA_DIR
+    ),
+    train: Annotated[str, typer.Option(help="auto (no model yet, or new data), always, or never.")] = "auto",
+    run_config: Annotated[
+        str, typer.Option(help="Run-config overrides for training, e.g. 'num-server-rounds=5'.")
+    ] = "",
+    every_min: Annotated[int, typer.Option(help="Minutes between forecast origins.")] = 60,
+    days: Annotated[float, typer.Option(help="Days back from each site's newest data to forecast from.")] = 2.0,
+    docs: Annotated[bool, typer.Option(help="Build Great Expectations Data Docs.")] = True,
+) -> None:
+    """The whole pipeline as one Prefect flow (`twinfed-run`, sub-flows per site), on PREFECT_API_URL or a local one.
+
+    Site flows, federated DP training (only when needed: it spends privacy budget), predictions and site marts,
+    the federation mart and the reports. Running the same drop again changes nothing.
+    """
+    from flwr.common.config import parse_config_args  # noqa: PLC0415 (flwr's CLI stack: slow to import)
+
+    if train not in ("auto", "always", "never"):
+        raise typer.BadParameter("choose auto, always or never", param_hint="--train")
+    try:
+        summary = twinfed_run(str(data_dir), sites, run_config=parse_config_args([run_config] if run_config else None),
+                              train=train, every_min=every_min, days=days, build_docs=docs)  # fmt: skip
+    except StageFailed as error:
+        console.print("[red]Some stages failed[/red]; their previous good outputs stay live. What to do:")
+        for failure in str(error).split("; "):
+            console.print(f"  - {failure}")
+        raise typer.Exit(code=2) from error
+    _print_run(summary, data_dir)
+
+
+def _print_run(summary: dict[str, Any], data_dir: Path) -> None:
+    table = Table(title=f"Pipeline run: model {summary['model_version']}, {summary['seconds']:.0f} s")
+    for column in ("site", "site flow", "prediction batch", "site mart"):
+        table.add_column(column)
+    for site, done in summary["sites"].items():
+        table.add_row(site, done.get("ingest", "-"), done.get("predicted") or "unchanged", done.get("mart", "-"))
+    console.print(table)
+    console.print(f"Trained: {summary['trained'] or 'no (the live model is current)'}; federation mart: "
+                  f"{summary.get('federation', '-')}")  # fmt: skip
+
+
+@app.command()
 def demo(
     data_dir: Annotated[Path, typer.Option(help="Where the demo writes everything.")] = DEFAULT_DATA_DIR,
     profiles: Annotated[Path, typer.Option(help="Folder of site profiles (*.toml).")] = DEFAULT_PROFILES_DIR,
+    patients: Annotated[int, typer.Option(min=1, help="Patients per demo hospital.")] = DEMO_PATIENTS,
+    days: Annotated[int, typer.Option(min=1, help="Days of data per demo hospital.")] = DEMO_DAYS,
 ) -> None:
     """The whole pipeline on embedded defaults: sites, site flows, federated DP training, predictions, marts, report.
 
-    Each stage that has nothing new to do is skipped; training spends privacy budget, so it runs only while no
-    model is registered.
+    Generates the demo hospitals if absent (smaller than their profiles, so the demo takes minutes; `twinfed sites
+    generate` makes the full ones), then runs `twinfed run`. Each stage that has nothing new to do is skipped;
+    training spends privacy budget, so it runs only while no model is registered or when data changed.
     """
-    chosen = _load_profiles_or_exit(profiles)
+    chosen = [p.with_overrides(patients=patients, days=days) for p in _load_profiles_or_exit(profiles)]
     site_ids = [p.site.id for p in chosen]
     missing = [p for p in chosen if not (data_dir / "drops" / p.site.id).is_dir()]
     if missing:
         started = time.perf_counter()
-        _print_sites(generate_sites(missing, data_dir, workers=2), time.perf_counter() - started, data_dir)
-    ingest(sites=site_ids, data_dir=data_dir, mappings=DEFAULT_MAPPINGS_DIR, force=False, docs=True)
+        with console.status(f"Generating {len(missing)} demo hospitals ({patients} patients x {days} days each)..."):
+            summaries = generate_sites(missing, data_dir, workers=2)
+        _print_sites(summaries, time.perf_counter() - started, data_dir)
+    run_pipeline(sites=site_ids, data_dir=data_dir, train="auto", run_config="", every_min=60, days=2.0, docs=True)
     federation = data_dir / "federation"
-    registered = Registry(federation).latest()
-    if registered is None:
-        train(sites=site_ids, data_dir=data_dir, federation_dir=federation, run_config="", timeout=1800.0)
-        registered = Registry(federation).latest()
-    else:
-        console.print(f"Twin {registered.version} is registered: not training again (it would spend privacy budget).")
-    assert registered is not None
-    stale = [s for s in site_ids if registered.version not in {b["model_version"] for b in read_batches(data_dir, s)}]
-    if stale:
-        predict(sites=stale, data_dir=data_dir, federation_dir=federation, model_version=registered.version,
-                every_min=60, days=2.0, scenario=None)  # fmt: skip
-    publish_marts(sites=[], data_dir=data_dir, federation_dir=federation, federation=True)
-    report(sites=site_ids, data_dir=data_dir, federation_dir=federation)
     console.print(
-        f"\nMarts: {data_dir}/sites/<site>/mart/site.duckdb (each site's own) and {federation}/mart/federation.duckdb. "
+        f"\nEverything is under [bold]{data_dir}[/bold]: drops/ (raw), sites/<site>/ (each hospital's store, "
+        f"quarantine, Data Docs in gx/, predictions/, mart/site.duckdb, report/index.html) and federation/ "
+        f"(registry, mart/federation.duckdb, report/index.html).\n"
         "Try:\n"
         f'  twinfed query {site_ids[0]} "SELECT horizon_min, rmse_mg_dl, persistence_rmse_mg_dl, coverage_90_pct '
         'FROM mart_forecast_accuracy ORDER BY horizon_min"\n'
         f'  twinfed query {site_ids[0]} "SELECT scenario_id, horizon_min, median_change_mg_dl FROM mart_whatif_effect '
         'WHERE horizon_min = 120"\n'
-        '  twinfed query federation "SELECT site_id, round_id, epsilon_after, epsilon_budget FROM fct_privacy_ledger"'
+        '  twinfed query federation "SELECT site_id, round_id, epsilon_after, epsilon_budget FROM fct_privacy_ledger"\n'
+        f"  twinfed status --data-dir {data_dir}   (and open {federation / 'report' / 'index.html'})"
     )
 
 

@@ -157,6 +157,7 @@ def site_predict(
         "batch_id": batch_id,
         "site": site,
         "model_version": registered.version,
+        "data_version": store.read_state().get("last_run"),  # the site run that last changed the store
         "issued_at": issued.isoformat(),
         "input_cutoff_max": frames["forecast"]["input_cutoff"].max().isoformat() if frames["forecast"].height else None,  # type: ignore[union-attr]
         "rows": {name: frame.height for name, frame in frames.items()},

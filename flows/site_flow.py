@@ -223,18 +223,9 @@ def site_ingest(
     # DICOM folders are named by accession number, an identifier: the state keeps keyed hashes of the paths.
     prints = {_state_key(secret, file): digest for file, digest in prints_by_path.items()}
     state = store.read_state()
-    # Any of these changing reprocesses every file of the drop: a new patient list can link records quarantined
-    # before as "patient not in the list", a new mapping or contract can judge rows differently.
-    versions = {
-        "mapping": fingerprint_text(mapping_file.read_text()),
-        "schema": SCHEMA_VERSION,
-        "contract": CONTRACT_VERSION,
-        "patients": prints_by_path.get(mapping.patients.file),
-        "ids": ID_SCHEME,
-    }
+    versions = drop_versions(mapping_file, mapping, prints_by_path)
     _check_id_scheme(state, store)  # fmt: skip
-    known = state["files"] if (not force and state.get("versions") == versions) else {}
-    changed = {f for f in prints_by_path if known.get(_state_key(secret, f)) != prints_by_path[f]}
+    changed = changed_files(prints_by_path, state, versions, secret, force=force)
     if not changed:
         logger.info("%s: every file of %s was harmonized before (run %s); nothing to do", site, drop, state["last_run"])
         return {"site": site, "run_id": run_id, "skipped": True, "previous_run": state["last_run"]}
@@ -265,6 +256,29 @@ def site_ingest(
                 totals["rows_in"], totals["harmonized"], totals["quarantined"],
                 sum(e["exact_duplicates"] for e in run["ledgers"]), run["seconds"]["total"])  # fmt: skip
     return run
+
+
+def drop_versions(mapping_file: Path, mapping: SiteMapping, prints_by_path: dict[str, str]) -> dict[str, Any]:
+    """What the drop was harmonized with: mapping, schema, contract, patient list and row-id scheme.
+
+    Any of these changing reprocesses every file of the drop: a new patient list can link records quarantined
+    before as "patient not in the list", a new mapping or contract can judge rows differently.
+    """
+    return {
+        "mapping": fingerprint_text(mapping_file.read_text()),
+        "schema": SCHEMA_VERSION,
+        "contract": CONTRACT_VERSION,
+        "patients": prints_by_path.get(mapping.patients.file),
+        "ids": ID_SCHEME,
+    }
+
+
+def changed_files(
+    prints_by_path: dict[str, str], state: dict[str, Any], versions: dict[str, Any], secret: bytes, *, force: bool
+) -> set[str]:
+    """Drop files not yet harmonized as they are now (every file when forced or when `versions` changed)."""
+    known = state["files"] if (not force and state.get("versions") == versions) else {}
+    return {f for f in prints_by_path if known.get(_state_key(secret, f)) != prints_by_path[f]}
 
 
 @contextmanager

@@ -1,0 +1,127 @@
+"""`twinfed run`: the pipeline as one parent flow; a failed stage says what to do; a second run changes nothing."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pytest
+import torch
+from prefect.testing.utilities import prefect_test_harness
+
+from federated.baselines import TrainingBudget, pooled
+from federated.privacy import PrivacyLedger
+from federated.registry import Registry
+from flows.demo_sites.generate import generate_sites
+from flows.demo_sites.profile import load_profiles
+from flows.features import read_features
+from flows.marts.query import connect_read_only, mart_path, run_query
+from flows.marts.synthetic import write_registry
+from flows.pipeline import StageFailed, data_version, trained_on, training_needed, twinfed_run
+from flows.predict_flow import read_batches
+from flows.site_store import SiteStore, write_json_atomic
+from models.twin import Normalizer, TwinSurrogate, build_windows, split_patients
+from models.twin.windows import NORMALIZED
+
+SITES = ["aurelia", "lakeside", "northbridge"]
+README_QUERIES = [  # what `twinfed demo` prints and the README shows
+    (
+        "aurelia",
+        "SELECT horizon_min, rmse_mg_dl, persistence_rmse_mg_dl, coverage_90_pct FROM mart_forecast_accuracy "
+        "ORDER BY horizon_min",
+    ),
+    ("aurelia", "SELECT scenario_id, horizon_min, median_change_mg_dl FROM mart_whatif_effect WHERE horizon_min = 120"),
+    ("federation", "SELECT site_id, round_id, epsilon_after, epsilon_budget FROM fct_privacy_ledger"),
+]
+
+
+@pytest.fixture(scope="module")
+def harness() -> Iterator[None]:
+    """A temporary Prefect API for the module's flow runs."""
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="module")
+def drops(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Three small demo hospitals' raw drops (5 patients x 2 days each)."""
+    folder = tmp_path_factory.mktemp("pipeline")
+    profiles = [p.with_overrides(patients=5, days=2) for p in load_profiles() if p.site.id in SITES]
+    generate_sites(profiles, folder, workers=2)
+    return folder
+
+
+def tree(folder: Path) -> dict[str, str]:
+    """Every file under the folder with a hash of its bytes."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}  # fmt: skip
+
+
+def register_outside_pipeline(data_dir: Path) -> None:
+    """A briefly trained pooled twin registered as a deployed federation would (no pipeline record of its data)."""
+    splits = {s: split_patients(build_windows(read_features(SiteStore.under(data_dir, s).features))) for s in SITES}
+    torch.manual_seed(0)
+    model, _ = pooled(splits, TrainingBudget(epochs=1, lr=3e-3, batch_size=256, seed=0))
+    written = write_registry(data_dir / "scratch", SITES, rounds=1)  # metadata as federated.twin_app writes it
+    metadata = json.loads((written / "metadata.json").read_text())
+    shutil.rmtree(data_dir / "scratch")
+    Registry(data_dir / "federation").register(model, {k: v for k, v in metadata.items() if k != "version"})
+    for site in SITES:  # and each hospital's ledger recorded the round it trained
+        ledger = PrivacyLedger(data_dir / "sites" / site / "privacy_ledger.json", site_id=site, epsilon_budget=8.0,
+                               delta=1e-4)  # fmt: skip
+        ledger.record_round("run-1-round-1", noise_multiplier=1.5, sample_rate=0.5, steps=4)
+
+
+def test_run_fails_without_a_model_then_publishes_and_a_second_run_changes_nothing(drops: Path, harness: None) -> None:
+    """No model: the site flows run and the run fails naming `twinfed train`. With one: every mart; then idempotent."""
+    with pytest.raises(StageFailed, match="twinfed train"):
+        twinfed_run(str(drops), SITES, train="never", build_docs=False)
+    for site in SITES:  # the site stage ran and kept its outputs although a later stage failed
+        assert data_version(drops, site) is not None and (SiteStore.under(drops, site).features).is_dir()
+        assert not (drops / "sites" / site / "mart").exists()
+
+    register_outside_pipeline(drops)
+    assert training_needed(drops, drops / "federation", SITES) is None  # a model trained elsewhere is the live one
+    summary = twinfed_run(str(drops), SITES, train="auto", build_docs=False)
+    assert summary["trained"] is None and summary["model_version"] == "twin-0001"
+    for site in SITES:
+        assert summary["sites"][site]["ingest"] == "unchanged" and summary["sites"][site]["predicted"]
+        (batch,) = read_batches(drops, site)
+        assert batch["model_version"] == "twin-0001" and batch["data_version"] == data_version(drops, site)
+        with duckdb.connect(str(drops / "sites" / site / "mart" / "site.duckdb"), read_only=True) as mart:
+            versions = mart.execute("SELECT DISTINCT model_version FROM fct_glucose_forecast").fetchall()
+            assert versions == [("twin-0001",)]
+        assert (drops / "sites" / site / "report" / "index.html").is_file()
+    # The README's example queries answer from the published marts.
+    for target, sql in README_QUERIES:
+        path = mart_path(target, data_dir=drops, federation_dir=drops / "federation")
+        with connect_read_only(path) as con:
+            assert run_query(con, sql).num_rows > 0, sql
+    assert (drops / "federation" / "report" / "index.html").is_file()
+
+    before = tree(drops)
+    again = twinfed_run(str(drops), SITES, train="auto", build_docs=False)
+    assert tree(drops) == before  # the same drop again: no new batch, mart, model or report, not one byte
+    assert again["trained"] is None and again["federation"] == "unchanged"
+    assert all(again["sites"][s] == {"ingest": "unchanged", "predicted": None, "mart": "unchanged"} for s in SITES)
+
+
+def test_training_is_needed_only_for_no_model_or_new_data(tmp_path: Path) -> None:
+    """No model: train. The live model trained on the current data: not. A site's data changed since: train."""
+    for site in SITES:
+        write_json_atomic({"version": 1, "last_run": f"run-{site}-1"}, SiteStore.under(tmp_path, site).state)
+    federation = tmp_path / "federation"
+    assert training_needed(tmp_path, federation, SITES) == "no model is registered yet"
+    torch.manual_seed(0)
+    normalizer = Normalizer(mean=np.zeros(len(NORMALIZED)), std=np.ones(len(NORMALIZED)))
+    Registry(federation).register(TwinSurrogate(normalizer), {"rounds": 1, "sites": {}})
+    write_json_atomic({"model_version": "twin-0001", "data_versions": {s: f"run-{s}-1" for s in SITES}},
+                      federation / "trained_on.json")  # fmt: skip
+    assert trained_on(federation) is not None and training_needed(tmp_path, federation, SITES) is None
+    write_json_atomic({"version": 1, "last_run": "run-lakeside-2"}, SiteStore.under(tmp_path, "lakeside").state)
+    assert training_needed(tmp_path, federation, SITES) == "new data at lakeside since twin-0001 was trained"
