@@ -125,3 +125,24 @@ def test_training_is_needed_only_for_no_model_or_new_data(tmp_path: Path) -> Non
     assert trained_on(federation) is not None and training_needed(tmp_path, federation, SITES) is None
     write_json_atomic({"version": 1, "last_run": "run-lakeside-2"}, SiteStore.under(tmp_path, "lakeside").state)
     assert training_needed(tmp_path, federation, SITES) == "new data at lakeside since twin-0001 was trained"
+
+
+@pytest.mark.slow
+def test_run_trains_by_simulation_once_and_the_marts_show_the_privacy_spent(
+    tmp_path: Path, harness: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No model: `twinfed run` trains by Flower simulation with DP, then predicts; run again, it does not train."""
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
+    profiles = [p.with_overrides(patients=5, days=2) for p in load_profiles() if p.site.id in SITES]
+    generate_sites(profiles, tmp_path, workers=2)
+    tiny = {"num-server-rounds": 1, "steps-per-round": 2}
+    summary = twinfed_run(str(tmp_path), SITES, run_config=tiny, build_docs=False)
+    assert summary["trained"] == "twin-0001" == summary["model_version"]
+    record = trained_on(tmp_path / "federation")
+    assert record == {"model_version": "twin-0001", "data_versions": {s: data_version(tmp_path, s) for s in SITES}}
+    with connect_read_only(mart_path("federation", data_dir=tmp_path, federation_dir=tmp_path / "federation")) as con:
+        ledger = run_query(con, "SELECT site_id, epsilon_after, epsilon_budget FROM fct_privacy_ledger").to_pylist()
+    assert sorted(row["site_id"] for row in ledger) == sorted(SITES)
+    assert all(0 < row["epsilon_after"] <= row["epsilon_budget"] for row in ledger)
+    again = twinfed_run(str(tmp_path), SITES, run_config=tiny, build_docs=False)
+    assert again["trained"] is None and Registry(tmp_path / "federation").versions() == ["twin-0001"]
