@@ -29,6 +29,7 @@ from models.twin import Normalizer, TwinSurrogate, build_windows, split_patients
 from models.twin.windows import NORMALIZED
 
 SITES = ["aurelia", "lakeside", "northbridge"]
+TWO_SITES = ["aurelia", "lakeside"]  # the default suite's run: two hospitals keep it quick, the slow test runs three
 README_QUERIES = [  # what `twinfed demo` prints and the README shows
     (
         "aurelia",
@@ -49,9 +50,9 @@ def harness() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def drops(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Three small demo hospitals' raw drops (5 patients x 2 days each)."""
+    """Two small demo hospitals' raw drops (5 patients x 2 days each)."""
     folder = tmp_path_factory.mktemp("pipeline")
-    profiles = [p.with_overrides(patients=5, days=2) for p in load_profiles() if p.site.id in SITES]
+    profiles = [p.with_overrides(patients=5, days=2) for p in load_profiles() if p.site.id in TWO_SITES]
     generate_sites(profiles, folder, workers=2)
     return folder
 
@@ -64,14 +65,14 @@ def tree(folder: Path) -> dict[str, str]:
 
 def register_outside_pipeline(data_dir: Path) -> None:
     """A briefly trained pooled twin registered as a deployed federation would (no pipeline record of its data)."""
-    splits = {s: split_patients(build_windows(read_features(SiteStore.under(data_dir, s).features))) for s in SITES}
+    splits = {s: split_patients(build_windows(read_features(SiteStore.under(data_dir, s).features))) for s in TWO_SITES}
     torch.manual_seed(0)
     model, _ = pooled(splits, TrainingBudget(epochs=1, lr=3e-3, batch_size=256, seed=0))
-    written = write_registry(data_dir / "scratch", SITES, rounds=1)  # metadata as federated.twin_app writes it
+    written = write_registry(data_dir / "scratch", TWO_SITES, rounds=1)  # metadata as federated.twin_app writes it
     metadata = json.loads((written / "metadata.json").read_text())
     shutil.rmtree(data_dir / "scratch")
     Registry(data_dir / "federation").register(model, {k: v for k, v in metadata.items() if k != "version"})
-    for site in SITES:  # and each hospital's ledger recorded the round it trained
+    for site in TWO_SITES:  # and each hospital's ledger recorded the round it trained
         ledger = PrivacyLedger(data_dir / "sites" / site / "privacy_ledger.json", site_id=site, epsilon_budget=8.0,
                                delta=1e-4)  # fmt: skip
         ledger.record_round("run-1-round-1", noise_multiplier=1.5, sample_rate=0.5, steps=4)
@@ -80,16 +81,16 @@ def register_outside_pipeline(data_dir: Path) -> None:
 def test_run_fails_without_a_model_then_publishes_and_a_second_run_changes_nothing(drops: Path, harness: None) -> None:
     """No model: the site flows run and the run fails naming `twinfed train`. With one: every mart; then idempotent."""
     with pytest.raises(StageFailed, match="twinfed train"):
-        twinfed_run(str(drops), SITES, train="never", build_docs=False)
-    for site in SITES:  # the site stage ran and kept its outputs although a later stage failed
+        twinfed_run(str(drops), TWO_SITES, train="never", build_docs=False)
+    for site in TWO_SITES:  # the site stage ran and kept its outputs although a later stage failed
         assert data_version(drops, site) is not None and (SiteStore.under(drops, site).features).is_dir()
         assert not (drops / "sites" / site / "mart").exists()
 
     register_outside_pipeline(drops)
-    assert training_needed(drops, drops / "federation", SITES) is None  # a model trained elsewhere is the live one
-    summary = twinfed_run(str(drops), SITES, train="auto", build_docs=False)
+    assert training_needed(drops, drops / "federation", TWO_SITES) is None  # a model trained elsewhere is the live one
+    summary = twinfed_run(str(drops), TWO_SITES, train="auto", build_docs=False)
     assert summary["trained"] is None and summary["model_version"] == "twin-0001"
-    for site in SITES:
+    for site in TWO_SITES:
         assert summary["sites"][site]["ingest"] == "unchanged" and summary["sites"][site]["predicted"]
         (batch,) = read_batches(drops, site)
         assert batch["model_version"] == "twin-0001" and batch["data_version"] == data_version(drops, site)
@@ -105,10 +106,10 @@ def test_run_fails_without_a_model_then_publishes_and_a_second_run_changes_nothi
     assert (drops / "federation" / "report" / "index.html").is_file()
 
     before = tree(drops)
-    again = twinfed_run(str(drops), SITES, train="auto", build_docs=False)
+    again = twinfed_run(str(drops), TWO_SITES, train="auto", build_docs=False)
     assert tree(drops) == before  # the same drop again: no new batch, mart, model or report, not one byte
     assert again["trained"] is None and again["federation"] == "unchanged"
-    assert all(again["sites"][s] == {"ingest": "unchanged", "predicted": None, "mart": "unchanged"} for s in SITES)
+    assert all(again["sites"][s] == {"ingest": "unchanged", "predicted": None, "mart": "unchanged"} for s in TWO_SITES)
 
 
 def test_training_is_needed_only_for_no_model_or_new_data(tmp_path: Path) -> None:
