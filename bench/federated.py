@@ -216,6 +216,7 @@ def run_federation(
         "patient-sample-rate": settings.patient_sample_rate,
         "strategy": settings.strategy,
         "dp": private,
+        "target-epsilon": 0.0,  # the noise is derived here, as twin_app.planned_noise would
         "noise-multiplier": sigma,
         "max-grad-norm": settings.max_grad_norm,
         "lr": private_lr(settings, sigma) if private else settings.lr_plain,

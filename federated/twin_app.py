@@ -50,7 +50,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
 
-from federated.privacy import BudgetExceeded, DPConfig, PrivacyLedger, train_private_round
+from federated.privacy import BudgetExceeded, DPConfig, PrivacyLedger, noise_for_budget, train_private_round
 from federated.registry import Checkpoint, Checkpoints, RegisteredModel, Registry, training_fingerprint
 from flows.features import MANIFEST_FILE, read_features
 from models.twin import (
@@ -85,6 +85,7 @@ DEFAULTS: dict[str, Any] = {
     "proximal-mu": 0.01,
     "server-lr": 0.01,
     "dp": True,
+    "target-epsilon": 0.0,  # > 0: the noise multiplier that makes the whole training spend this (replaces the next)
     "noise-multiplier": 1.5,  # with q = 0.5 and 4 steps a round: epsilon 3.6 after one round, 5.0 after two
     "max-grad-norm": 5.0,
     "patient-sample-rate": 0.5,
@@ -104,8 +105,8 @@ DEFAULTS: dict[str, Any] = {
 }
 # The keys whose values define a training: a checkpoint resumes only a run with the same ones.
 TRAINING_KEYS = (
-    "num-server-rounds", "strategy", "proximal-mu", "server-lr", "dp", "noise-multiplier", "max-grad-norm",
-    "patient-sample-rate", "steps-per-round", "lr", "epsilon-budget", "delta", "seed", "sites",
+    "num-server-rounds", "strategy", "proximal-mu", "server-lr", "dp", "target-epsilon", "noise-multiplier",
+    "max-grad-norm", "patient-sample-rate", "steps-per-round", "lr", "epsilon-budget", "delta", "seed", "sites",
 )  # fmt: skip
 
 client = ClientApp()
@@ -307,10 +308,30 @@ def server_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
 server = server_app()
 
 
+def planned_noise(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The config with `noise-multiplier` derived from `target-epsilon` (when it is > 0 and training is private).
+
+    The smallest noise whose num-server-rounds x steps-per-round steps at patient-sample-rate spend at most
+    target-epsilon at the run's delta (Opacus' RDP accountant, as every site's ledger counts). A site whose own
+    budget or delta is tighter still refuses the rounds that would pass its budget.
+    """
+    out = dict(config)
+    target = float(config.get("target-epsilon", 0.0))
+    if target > 0 and config["dp"]:
+        steps = int(config["num-server-rounds"]) * int(config["steps-per-round"])
+        rate = float(config["patient-sample-rate"])
+        out["noise-multiplier"] = noise_for_budget(epsilon=target, delta=float(config["delta"]), sample_rate=rate,
+                                                   steps=steps)  # fmt: skip
+        LOG.info("noise multiplier %.3f: %d steps at q = %g spend epsilon %g at delta %g", out["noise-multiplier"],
+                 steps, config["patient-sample-rate"], target, config["delta"])  # fmt: skip
+    return out
+
+
 def federate(grid: Grid, config: Mapping[str, Any], *, run_id: int = 0) -> RegisteredModel:
     """Train (or resume training) the twin over the connected hospitals and register it; return the registration."""
     if config["strategy"] not in STRATEGIES:
         raise ValueError(f"run config strategy = {config['strategy']!r}; choose one of {', '.join(STRATEGIES)}")
+    config = planned_noise(config)
     federation_dir = Path(str(config["federation-dir"]))
     checkpoints, fingerprint = Checkpoints(federation_dir), training_fingerprint(config, TRAINING_KEYS)
     total_rounds = int(config["num-server-rounds"])

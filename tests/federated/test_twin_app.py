@@ -15,7 +15,16 @@ from flwr.simulation import run_simulation
 from data_contracts.schema import IMAGE_FEATURE, SCHEMA_VERSION
 from federated.privacy import PrivacyLedger
 from federated.registry import Checkpoint, Checkpoints, Registry
-from federated.twin_app import DEFAULT_SITES, DEFAULTS, _ledger, _strategy, client, pooled_metrics, server_app
+from federated.twin_app import (
+    DEFAULT_SITES,
+    DEFAULTS,
+    _ledger,
+    _strategy,
+    client,
+    planned_noise,
+    pooled_metrics,
+    server_app,
+)
 from flows.demo_sites.generate import SitePaths, generate_sites
 from flows.demo_sites.profile import load_profiles
 from flows.features import build_features, write_features
@@ -147,3 +156,17 @@ def test_a_deployed_hospital_sets_its_own_budget(tmp_path: Path) -> None:
     simulated = Context(run_id=1, node_id=2, node_config={"partition-id": 0, "num-partitions": 3}, state=RecordDict(),
                         run_config={})  # fmt: skip
     assert _ledger("aurelia", tmp_path, simulated, greedy).epsilon_budget == 50.0
+
+
+def test_noise_is_planned_so_the_whole_training_spends_the_target_epsilon(tmp_path: Path) -> None:
+    """target-epsilon > 0 sets the noise: a ledger taking every planned round ends at the target, not past it."""
+    config = DEFAULTS | {"target-epsilon": 3.0, "num-server-rounds": 5, "steps-per-round": 6}
+    planned = planned_noise(config)
+    assert planned["noise-multiplier"] != config["noise-multiplier"] and planned["target-epsilon"] == 3.0
+    ledger = PrivacyLedger(tmp_path / "ledger.json", site_id="lakeside", epsilon_budget=3.0, delta=config["delta"])
+    for round_number in range(5):
+        ledger.record_round(f"r{round_number}", noise_multiplier=planned["noise-multiplier"],
+                            sample_rate=config["patient-sample-rate"], steps=6)  # fmt: skip
+    assert 0.97 * 3.0 <= ledger.epsilon_spent() <= 3.0
+    assert planned_noise(config | {"target-epsilon": 0.0}) == config | {"target-epsilon": 0.0}  # off: as configured
+    assert planned_noise(config | {"dp": False})["noise-multiplier"] == config["noise-multiplier"]
