@@ -96,7 +96,14 @@ def test_training_resumes_after_a_crash_and_registers_the_model(
     spent = ledger("lakeside", data_dir).record_round("an earlier study", noise_multiplier=1.5, sample_rate=0.5,
                                                       steps=18)  # fmt: skip
     federation = data_dir / "federation"
-    overrides = {"num-server-rounds": 2, "data-dir": str(data_dir), "federation-dir": str(federation)}
+    overrides = {
+        "num-server-rounds": 2,
+        "steps-per-round": 4,
+        "noise-multiplier": 1.5,
+        "target-epsilon": 0.0,
+        "data-dir": str(data_dir),
+        "federation-dir": str(federation),
+    }
     save = Checkpoints.save
 
     def crash_after_round_one(self: Checkpoints, checkpoint: Checkpoint) -> Path:
