@@ -319,7 +319,7 @@ def run_pipeline(
                               train=train, every_min=every_min, days=days, build_docs=docs)  # fmt: skip
     except StageFailed as error:
         console.print("[red]Some stages failed[/red]; their previous good outputs stay live. What to do:")
-        for failure in str(error).split("; "):
+        for failure in error.failures:
             console.print(f"  - {failure}")
         raise typer.Exit(code=2) from error
     _print_run(summary, data_dir)
@@ -332,7 +332,8 @@ def _print_run(summary: dict[str, Any], data_dir: Path) -> None:
     for site, done in summary["sites"].items():
         table.add_row(site, done.get("ingest", "-"), done.get("predicted") or "unchanged", done.get("mart", "-"))
     console.print(table)
-    console.print(f"Trained: {summary['trained'] or 'no (the live model is current)'}; federation mart: "
+    trained = summary["trained"] or summary.get("training_skipped") or "no (the live model is current)"
+    console.print(f"Trained: {trained}; federation mart: "
                   f"{summary.get('federation', '-')}")  # fmt: skip
 
 

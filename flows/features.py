@@ -24,6 +24,7 @@ Rules the twin relies on:
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,6 +145,17 @@ def build_features(tables: Mapping[str, pl.DataFrame]) -> FeatureSet:
         image_feature=_columns(tables, "image_feature"),
     )
     return FeatureSet(grid=grid, static=static)
+
+
+def features_version(folder: Path) -> str | None:
+    """A hash of the feature files' bytes (None if there are none): equal features, equal version, however built."""
+    files = [folder / GRID_FILE, folder / STATIC_FILE]
+    if not all(f.is_file() for f in files):
+        return None
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def write_features(features: FeatureSet, folder: Path) -> dict[str, Path]:

@@ -31,16 +31,17 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
 
 from federated.registry import Registry
+from flows.features import features_version
 from flows.marts.flow import publish_federation_mart, publish_site_mart
 from flows.marts.layout import SHARE_MANIFEST, SiteMartLayout
-from flows.marts.runner import MartBuildError
-from flows.predict_flow import PredictionContractFailed, read_batches, site_predict
+from flows.predict_flow import read_batches, site_predict
 from flows.report import write_reports
 from flows.site_flow import site_ingest
 from flows.site_store import SiteStore, write_json_atomic
@@ -50,13 +51,19 @@ TRAINED_ON = "trained_on.json"
 
 
 class StageFailed(RuntimeError):
-    """One or more stages of a pipeline run failed; the message lists each with what to do."""
+    """One or more stages of a pipeline run failed; `failures` holds one line per failure with what to do."""
+
+    def __init__(self, failures: list[str]) -> None:
+        super().__init__(f"{len(failures)} stage(s) failed: " + " | ".join(failures))
+        self.failures = failures
 
 
 def data_version(data_dir: Path, site: str) -> str | None:
-    """The id of the site run that last changed the site's store (None before its first run)."""
-    state = SiteStore.under(data_dir, site).read_state()
-    return state.get("last_run")
+    """The version of the site's training features: a hash of their bytes (None before its first run).
+
+    Content, not run ids: a forced re-ingest or a mapping edit that changes no feature retrains nothing.
+    """
+    return features_version(SiteStore.under(data_dir, site).features)
 
 
 def trained_on(federation_dir: Path) -> dict[str, Any] | None:
@@ -75,6 +82,35 @@ def training_needed(data_dir: Path, federation_dir: Path, sites: list[str]) -> s
         return None  # trained outside the pipeline (e.g. a deployed run): that model is the live one
     changed = [s for s in sites if record["data_versions"].get(s) != data_version(data_dir, s)]
     return f"new data at {', '.join(changed)} since {latest.version} was trained" if changed else None
+
+
+def sites_short_of_budget(data_dir: Path, sites: list[str], run_config: dict[str, Any] | None) -> dict[str, str]:
+    """The sites whose privacy ledger could not pay even one round of the planned training, with why.
+
+    The same arithmetic each site's ledger does before it trains (`PrivacyLedger.epsilon_if`); a site with no
+    ledger yet can pay (its first round is checked against its budget when it trains).
+    """
+    from federated.privacy import BudgetExceeded, PrivacyLedger  # noqa: PLC0415 (opacus: slow to import)
+    from federated.twin_app import DEFAULTS, planned_noise  # noqa: PLC0415
+
+    config = planned_noise(DEFAULTS | dict(run_config or {}))
+    if not config["dp"]:
+        return {}
+    short = {}
+    for site in sites:
+        path = SiteMartLayout.under(data_dir, site).privacy_ledger
+        if not path.is_file():
+            continue
+        stored = json.loads(path.read_text())
+        ledger = PrivacyLedger(path, site_id=site, epsilon_budget=float(stored["epsilon_budget"]),
+                               delta=float(stored["delta"]))  # fmt: skip
+        try:
+            ledger.check_round(noise_multiplier=float(config["noise-multiplier"]),
+                               sample_rate=float(config["patient-sample-rate"]),
+                               steps=int(config["steps-per-round"]))  # fmt: skip
+        except BudgetExceeded as refusal:
+            short[site] = str(refusal)
+    return short
 
 
 # flwr's log carries each line twice, coloured and time-stamped; the time-stamped one is matched.
@@ -111,6 +147,12 @@ def follow_rounds(folder: Path, logger: logging.Logger | logging.LoggerAdapter[l
     finally:
         done.set()
         thread.join(timeout=5.0)
+
+
+def _first_line(error: BaseException) -> str:
+    """The error's first line, shortened: what to tell the user; the site's own logs keep the rest."""
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0][:300]}" if text else type(error).__name__
 
 
 def _sites_with_features(data_dir: Path) -> list[str]:
@@ -201,13 +243,36 @@ def site_publish(
         batch = site_predict(site, data_dir=root, federation_dir=federation, model_version=registered.version,
                              every_min=every_min, days=days, publish=False)  # fmt: skip
         outcome["predicted"] = batch["batch_id"]
-    mart = root / "sites" / site / "mart" / "site.duckdb"
-    if outcome["predicted"] or not mart.is_file():
+    if outcome["predicted"] or site_mart_stale(root, site):  # stale: an earlier publish failed after its batch
         outcome["mart"] = str(publish_site_mart(root, site).database)
-        write_reports(root, federation, [site])
+        write_reports(root, federation, [site], federation=False)
     else:
         outcome["mart"] = "unchanged"
     return outcome
+
+
+def site_mart_stale(data_dir: Path, site: str) -> bool:
+    """Whether the site mart is missing or was built before the site's newest published batch."""
+    manifest = SiteMartLayout.under(data_dir, site).share / SHARE_MANIFEST
+    if not manifest.is_file():
+        return True
+    built = datetime.fromisoformat(json.loads(manifest.read_text())["built_at"])
+    batches = read_batches(data_dir, site)
+    return bool(batches) and built < datetime.fromisoformat(batches[-1]["issued_at"])
+
+
+def federation_mart_stale(data_dir: Path, federation_dir: Path, sites: list[str]) -> bool:
+    """Whether the federation mart is missing or older than a site's share or the newest registered model."""
+    mart = federation_dir / "mart" / "federation.duckdb"
+    if not mart.is_file():
+        return True
+    built = datetime.fromtimestamp(mart.stat().st_mtime, UTC)
+    inputs = [SiteMartLayout.under(data_dir, s).share / SHARE_MANIFEST for s in sites]
+    shares = [datetime.fromisoformat(json.loads(m.read_text())["built_at"]) for m in inputs if m.is_file()]
+    latest = Registry(federation_dir).latest()
+    if latest is not None:
+        shares.append(datetime.fromisoformat(latest.metadata["registered_at"]))
+    return any(when > built for when in shares)
 
 
 @flow(name="federation-publish", persist_result=False, log_prints=False)
@@ -253,7 +318,10 @@ def twinfed_run(
     started = time.perf_counter()
     root = Path(data_dir).resolve()
     mappings = Path(mappings_dir) if mappings_dir else DEFAULT_MAPPINGS_DIR
-    chosen = sites or sorted(p.stem for p in mappings.glob("*.toml"))
+    # Default: every site this host has both a mapping and a drop for (a hospital's host has its own only).
+    chosen = sites or sorted(p.stem for p in mappings.glob("*.toml") if (root / "drops" / p.stem).is_dir())
+    if not chosen:
+        raise FileNotFoundError(f"no site has both a mapping in {mappings} and a drop under {root / 'drops'}")
     federation = root / "federation"
     failures: list[str] = []
     summary: dict[str, Any] = {"sites": {}, "trained": None}
@@ -264,19 +332,27 @@ def twinfed_run(
             run = site_ingest(site, data_dir=root, mappings_dir=mappings, build_docs=build_docs)
             summary["sites"][site] = {"ingest": "unchanged" if run.get("skipped") else run["run_id"]}
         except Exception as error:  # one site's failure must not stop the others
-            logger.error("%s: site flow failed, its store keeps the last good outputs: %s", site, error)
-            failures.append(f"{site} site flow: {error} -> fix the drop or mapping, then `twinfed ingest {site}`")
+            logger.error("%s: site flow failed (%s), its store keeps the last good outputs", site, type(error).__name__)
+            failures.append(f"{site} site flow: {_first_line(error)} -> fix the drop or mapping, then "
+                            f"`twinfed ingest {site}`")  # fmt: skip
             summary["sites"][site] = {"ingest": "failed"}
     ready = [s for s in chosen if data_version(root, s) is not None]
 
     why = "asked to" if train == "always" else training_needed(root, federation, ready) if train == "auto" else None
-    logger.info("stage 2/4: federated training: %s", f"training ({why})" if why else "not needed, live model kept")
+    short = sites_short_of_budget(root, ready, run_config) if why else {}
+    if why and len(ready) - len(short) < min(2, len(ready)):
+        # Budget spent is a decision the hospitals made, not a failure: the live model stays and predictions go on.
+        logger.warning("not training (%s): too few sites have privacy budget left for a round: %s", why, short)
+        summary["training_skipped"] = f"privacy budget spent at {', '.join(sorted(short))}"
+        why = None
+    logger.info("stage 2/4: federated training: %s", f"training ({why})" if why else "not training, live model kept")
     if why and ready:
         try:
             summary["trained"] = federation_round(str(root), ready, str(federation), run_config)["model_version"]
         except Exception as error:  # predictions go on with the previous model
-            logger.error("federated training failed; the previous model (if any) stays live: %s", error)
-            failures.append(f"training: {error} -> see {federation / 'flwr-home'} logs, then `twinfed train`")
+            logger.error("federated training failed; the previous model (if any) stays live: %s", type(error).__name__)
+            failures.append(f"training: {_first_line(error)} -> read the run log in {federation / 'flwr-home'}, then "
+                            "`twinfed train`")  # fmt: skip
     latest = Registry(federation).latest()
 
     logger.info("stage 3/4: predictions and site marts with %s", latest.version if latest else "no model")
@@ -287,9 +363,11 @@ def twinfed_run(
     for site in ready if live else []:
         try:
             outcome = site_publish(site, str(root), str(federation), live, every_min, days)
-        except (PredictionContractFailed, MartBuildError, FileNotFoundError, ValueError) as error:
-            logger.error("%s: not published, its previous predictions and mart stay live: %s", site, error)
-            failures.append(f"{site} predictions: {error} -> `twinfed status {site}`, then `twinfed predict {site}`")
+        except Exception as error:  # one site's failure must not stop the others
+            logger.error("%s: not published, its previous predictions and mart stay live (%s)", site,
+                         type(error).__name__)  # fmt: skip
+            failures.append(f"{site} predictions: {_first_line(error)} -> `twinfed status {site}`, then "
+                            f"`twinfed run {site}`")  # fmt: skip
             continue
         summary["sites"][site] |= {"predicted": outcome["predicted"], "mart": outcome["mart"]}
         if outcome["mart"] != "unchanged":
@@ -301,14 +379,14 @@ def twinfed_run(
         summary["federation"] = "not built: no site has published a share yet"
     else:
         try:
-            force = bool(published or summary["trained"])
+            force = bool(published or summary["trained"]) or federation_mart_stale(root, federation, shared)
             summary["federation"] = federation_publish(str(root), str(federation), force=force)["mart"]
-        except MartBuildError as error:
-            failures.append(f"federation mart: {error} -> `twinfed marts build`")
+        except Exception as error:  # the previous federation mart stays live
+            failures.append(f"federation mart: {_first_line(error)} -> `twinfed marts build`")
     summary["model_version"] = latest.version if latest else None
     summary["seconds"] = round(time.perf_counter() - started, 1)
     if failures:
-        raise StageFailed("; ".join(failures))
+        raise StageFailed(failures)
     logger.info("pipeline done in %.0f s: %s", summary["seconds"], summary)
     return summary
 

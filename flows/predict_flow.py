@@ -30,7 +30,7 @@ from data_contracts import vocabulary as v
 from data_contracts.gx_runner import run_contract
 from data_contracts.predictions import PREDICTION_CONTRACT_VERSION, prediction_checks
 from federated.registry import RegisteredModel, Registry
-from flows.features import read_features
+from flows.features import features_version, read_features
 from flows.marts.flow import publish_site_mart
 from flows.site_store import SiteStore, write_json_atomic, write_parquet_atomic
 from models.twin import TwinSurrogate, Windows, apply, build_windows, calibrate, predict, split_patients
@@ -143,6 +143,7 @@ def site_predict(
     store = SiteStore.under(data_dir, site)
     chosen = [scenario(s) for s in scenarios] if scenarios is not None else list(CATALOGUE)
     registered = load_model(federation_dir, model_version)
+    inputs = features_version(store.features)  # before reading them: a concurrent ingest must not relabel the batch
     batch = forecast_batch(registered, store, every_min, days, chosen)
     issued = datetime.now(UTC)
     batch_id = f"{issued:%Y%m%dT%H%M%SZ}-{registered.version}"
@@ -157,7 +158,7 @@ def site_predict(
         "batch_id": batch_id,
         "site": site,
         "model_version": registered.version,
-        "data_version": store.read_state().get("last_run"),  # the site run that last changed the store
+        "data_version": inputs,  # the features the batch was predicted from (flows.features.features_version)
         "issued_at": issued.isoformat(),
         "input_cutoff_max": frames["forecast"]["input_cutoff"].max().isoformat() if frames["forecast"].height else None,  # type: ignore[union-attr]
         "rows": {name: frame.height for name, frame in frames.items()},

@@ -44,8 +44,11 @@ class Page:
     plots: int
 
 
-def write_reports(data_dir: Path, federation_dir: Path, sites: list[str]) -> list[Page]:
-    """Write the page of each site that has a mart, then the federation's (if its mart exists)."""
+def write_reports(data_dir: Path, federation_dir: Path, sites: list[str], *, federation: bool = True) -> list[Page]:
+    """Write the page of each site that has a mart, then (with `federation`) the federation's, if its mart exists.
+
+    A hospital's host writes its own page only: the federation folder it can read is not its to write.
+    """
     pages = []
     for site in sites:
         try:
@@ -53,6 +56,8 @@ def write_reports(data_dir: Path, federation_dir: Path, sites: list[str]) -> lis
         except QueryError:
             continue
         pages.append(_write(data_dir / "sites" / site / "report" / "index.html", site, _site_sections(mart, site)))
+    if not federation:
+        return pages
     try:
         mart = mart_path(FEDERATION, data_dir=data_dir, federation_dir=federation_dir)
     except QueryError:

@@ -20,9 +20,20 @@ from federated.registry import Registry
 from flows.demo_sites.generate import generate_sites
 from flows.demo_sites.profile import load_profiles
 from flows.features import read_features
+from flows.marts.layout import SiteMartLayout
 from flows.marts.query import connect_read_only, mart_path, run_query
 from flows.marts.synthetic import write_registry
-from flows.pipeline import StageFailed, data_version, trained_on, training_needed, twinfed_run
+from flows.pipeline import (
+    ROUND_LINE,
+    StageFailed,
+    data_version,
+    federation_mart_stale,
+    site_mart_stale,
+    sites_short_of_budget,
+    trained_on,
+    training_needed,
+    twinfed_run,
+)
 from flows.predict_flow import read_batches
 from flows.site_store import SiteStore, write_json_atomic
 from models.twin import Normalizer, TwinSurrogate, build_windows, split_patients
@@ -112,20 +123,77 @@ def test_run_fails_without_a_model_then_publishes_and_a_second_run_changes_nothi
     assert all(again["sites"][s] == {"ingest": "unchanged", "predicted": None, "mart": "unchanged"} for s in TWO_SITES)
 
 
+def write_feature_files(data_dir: Path, site: str, content: bytes) -> None:
+    """Stand-in feature files: the data version is a hash of their bytes, whatever they hold."""
+    folder = SiteStore.under(data_dir, site).features
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "grid.parquet").write_bytes(content)
+    (folder / "static.parquet").write_bytes(b"static")
+
+
 def test_training_is_needed_only_for_no_model_or_new_data(tmp_path: Path) -> None:
-    """No model: train. The live model trained on the current data: not. A site's data changed since: train."""
+    """No model: train. The live model trained on the current data: not. A site's features changed since: train."""
     for site in SITES:
-        write_json_atomic({"version": 1, "last_run": f"run-{site}-1"}, SiteStore.under(tmp_path, site).state)
+        write_feature_files(tmp_path, site, f"{site} week 1".encode())
     federation = tmp_path / "federation"
     assert training_needed(tmp_path, federation, SITES) == "no model is registered yet"
     torch.manual_seed(0)
     normalizer = Normalizer(mean=np.zeros(len(NORMALIZED)), std=np.ones(len(NORMALIZED)))
     Registry(federation).register(TwinSurrogate(normalizer), {"rounds": 1, "sites": {}})
-    write_json_atomic({"model_version": "twin-0001", "data_versions": {s: f"run-{s}-1" for s in SITES}},
+    write_json_atomic({"model_version": "twin-0001", "data_versions": {s: data_version(tmp_path, s) for s in SITES}},
                       federation / "trained_on.json")  # fmt: skip
     assert trained_on(federation) is not None and training_needed(tmp_path, federation, SITES) is None
-    write_json_atomic({"version": 1, "last_run": "run-lakeside-2"}, SiteStore.under(tmp_path, "lakeside").state)
+    write_feature_files(tmp_path, "aurelia", b"aurelia week 1")  # rewritten, same bytes (a forced re-ingest)
+    assert training_needed(tmp_path, federation, SITES) is None
+    write_feature_files(tmp_path, "lakeside", b"lakeside week 2")
     assert training_needed(tmp_path, federation, SITES) == "new data at lakeside since twin-0001 was trained"
+
+
+def test_a_site_out_of_budget_is_named_before_training(tmp_path: Path) -> None:
+    """A ledger that cannot pay one more round of the planned training is named; one with room, or none, is not."""
+    spent = PrivacyLedger(tmp_path / "sites" / "lakeside" / "privacy_ledger.json", site_id="lakeside",
+                          epsilon_budget=8.0, delta=1e-4)  # fmt: skip
+    spent.record_round("earlier", noise_multiplier=2.0, sample_rate=0.5, steps=36)  # 7.57 of 8; 4 more: 8.04
+    fresh = PrivacyLedger(tmp_path / "sites" / "aurelia" / "privacy_ledger.json", site_id="aurelia",
+                          epsilon_budget=8.0, delta=1e-4)  # fmt: skip
+    fresh.record_round("earlier", noise_multiplier=2.0, sample_rate=0.5, steps=4)
+    short = sites_short_of_budget(tmp_path, ["aurelia", "lakeside", "northbridge"], None)
+    assert list(short) == ["lakeside"] and "lakeside" in short["lakeside"]
+    assert sites_short_of_budget(tmp_path, ["lakeside"], {"dp": False}) == {}  # non-private spends nothing
+
+
+def test_a_mart_older_than_its_inputs_is_stale(tmp_path: Path) -> None:
+    """A batch issued after the share was built (a publish that failed halfway) makes the site mart stale."""
+    share = SiteMartLayout.under(tmp_path, "lakeside").share
+    share.mkdir(parents=True)
+    assert site_mart_stale(tmp_path, "lakeside")  # no manifest: never published
+    write_json_atomic({"built_at": "2026-04-06T03:00:00+00:00"}, share / "manifest.json")
+    assert not site_mart_stale(tmp_path, "lakeside")  # no batch yet: nothing newer
+    batch = SiteStore.under(tmp_path, "lakeside").root / "predictions" / "b1"
+    batch.mkdir(parents=True)
+    write_json_atomic({"batch_id": "b1", "issued_at": "2026-04-06T04:00:00+00:00"}, batch / "batch.json")
+    assert site_mart_stale(tmp_path, "lakeside")
+    write_json_atomic({"built_at": "2026-04-06T05:00:00+00:00"}, share / "manifest.json")
+    assert not site_mart_stale(tmp_path, "lakeside")
+    assert federation_mart_stale(tmp_path, tmp_path / "federation", ["lakeside"])  # never built
+
+
+def test_training_progress_lines_are_read_from_flowers_log() -> None:
+    """Round starts and pooled evaluations are picked out of flwr's log (the time-stamped copy of each line)."""
+    log = [
+        "\x1b[92mINFO \x1b[0m:      [ROUND 2/6]",
+        "11/29/2026 23:19:22:INFO:[ROUND 2/6]",
+        "11/29/2026 23:19:22:INFO:configure_train: Sampled 3 nodes (out of 3)",
+        "11/29/2026 23:19:37:INFO:round 2 evaluation: {'examples': 15141.0, 'rmse-30': 27.2}",
+    ]
+    found = [m.group(1) for line in log if (m := ROUND_LINE.match(line.strip()))]
+    assert found == ["[ROUND 2/6]", "round 2 evaluation: {'examples': 15141.0, 'rmse-30': 27.2}"]
+
+
+def test_stage_failures_stay_one_per_line() -> None:
+    """Each failure keeps its own hint, even when its message has semicolons."""
+    failure = StageFailed(["lakeside predictions: a; b; c -> `twinfed run lakeside`", "training: x -> `twinfed train`"])
+    assert len(failure.failures) == 2 and "2 stage(s) failed" in str(failure)
 
 
 @pytest.mark.slow
