@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 import polars as pl
 import typer
@@ -17,7 +17,7 @@ from flows.demo_sites.profile import DEFAULT_PROFILES_DIR, ProfileError, SitePro
 from flows.ingest.mapping import DEFAULT_MAPPINGS_DIR, MappingError
 from flows.marts.cli import app as marts_app
 from flows.marts.cli import query as marts_query
-from flows.pipeline import StageFailed, federation_round, twinfed_run
+from flows.pipeline import StageFailed, TrainPolicy, federation_round, twinfed_run
 from flows.predict_flow import PredictionContractFailed, site_predict
 from flows.report import write_reports
 from flows.site_flow import site_ingest
@@ -315,8 +315,9 @@ def run_pipeline(
     if train not in ("auto", "always", "never"):
         raise typer.BadParameter("choose auto, always or never", param_hint="--train")
     try:
-        summary = twinfed_run(str(data_dir), sites, run_config=parse_config_args([run_config] if run_config else None),
-                              train=train, every_min=every_min, days=days, build_docs=docs)  # fmt: skip
+        overrides = parse_config_args([run_config] if run_config else None)
+        summary = twinfed_run(str(data_dir), sites, run_config=overrides, train=cast(TrainPolicy, train),
+                              every_min=every_min, days=days, build_docs=docs)  # fmt: skip
     except StageFailed as error:
         console.print("[red]Some stages failed[/red]; their previous good outputs stay live. What to do:")
         for failure in error.failures:

@@ -33,7 +33,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from prefect import flow, get_run_logger
 
@@ -48,6 +48,7 @@ from flows.site_store import SiteStore, write_json_atomic
 
 DEFAULT_DATA_DIR = "data"
 TRAINED_ON = "trained_on.json"
+TrainPolicy = Literal["auto", "always", "never"]  # auto: no model yet, or new feature data since the live one
 
 
 class StageFailed(RuntimeError):
@@ -79,7 +80,12 @@ def training_needed(data_dir: Path, federation_dir: Path, sites: list[str]) -> s
         return "no model is registered yet"
     record = trained_on(federation_dir)
     if record is None or record.get("model_version") != latest.version:
-        return None  # trained outside the pipeline (e.g. a deployed run): that model is the live one
+        # Trained outside the pipeline (a deployed run, `infra/flower/simulate.sh`): that model is the live one,
+        # and what it was trained on is not known here. Say so: automatic retraining waits for `--train always`.
+        logging.getLogger(__name__).warning(
+            "%s was registered outside `twinfed run` (no %s for it): not retraining on new data until a run with "
+            "--train always", latest.version, federation_dir / TRAINED_ON)  # fmt: skip
+        return None
     changed = [s for s in sites if record["data_versions"].get(s) != data_version(data_dir, s)]
     return f"new data at {', '.join(changed)} since {latest.version} was trained" if changed else None
 
@@ -299,7 +305,7 @@ def twinfed_run(
     sites: list[str] | None = None,
     mappings_dir: str | None = None,
     run_config: dict[str, Any] | None = None,
-    train: str = "auto",
+    train: TrainPolicy = "auto",
     every_min: int = 60,
     days: float = 2.0,
     build_docs: bool = True,
