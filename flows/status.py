@@ -63,6 +63,7 @@ class PrivacyStatus:
     epsilon_remaining: float
     delta: float
     rounds: int
+    last_round_cost: float  # epsilon the newest round added; RDP composition makes the next like it cost no more
 
 
 @dataclass(frozen=True)
@@ -146,6 +147,9 @@ def site_status(
         hints.append(privacy_error)
     elif privacy is not None and privacy.epsilon_remaining <= 0:
         hints.append(f"privacy budget used up: {site} refuses further training rounds (budget in the ledger)")
+    elif privacy is not None and privacy.rounds and privacy.epsilon_remaining < privacy.last_round_cost:
+        hints.append(f"privacy budget nearly used up: {privacy.epsilon_remaining:.2f} left, the last round cost "
+                     f"{privacy.last_round_cost:.2f}; {site} will refuse rounds like it")  # fmt: skip
     published = _site_mart_published(layout)
     if newest is not None and (published is None or published < _time(newest["issued_at"])):
         hints.append(f"the mart predates batch {newest['batch_id']}: run `twinfed marts build {site}`")
@@ -316,10 +320,12 @@ def _privacy_status(path: Path) -> tuple[PrivacyStatus | None, str | None]:
         budget, delta = float(ledger["epsilon_budget"]), float(ledger["delta"])
         rounds = ledger["rounds"]
         spent = max((float(r["epsilon_after"]) for r in rounds), default=0.0)
+        after = [0.0, *(float(r["epsilon_after"]) for r in rounds)]
+        last_cost = after[-1] - after[-2]
     except (OSError, ValueError, KeyError, TypeError) as error:
         return None, f"privacy ledger {path} is unreadable ({error}): restore it from backup before training"
     status = PrivacyStatus(epsilon_spent=spent, epsilon_budget=budget, epsilon_remaining=max(budget - spent, 0.0),
-                           delta=delta, rounds=len(rounds))  # fmt: skip
+                           delta=delta, rounds=len(rounds), last_round_cost=last_cost)  # fmt: skip
     return status, None
 
 

@@ -15,7 +15,7 @@ from phi_fixtures import identifiers, leaks
 from prefect.testing.utilities import prefect_test_harness
 from typer.testing import CliRunner
 
-from federated.privacy import PrivacyLedger
+from federated.privacy import BudgetExceeded, PrivacyLedger
 from flows.cli import app
 from flows.demo_sites.generate import generate_sites
 from flows.demo_sites.profile import load_profiles
@@ -157,6 +157,16 @@ def test_privacy_remaining_is_the_budget_less_what_the_real_ledger_spent(tmp_pat
     assert privacy is not None and privacy.rounds == 2 and privacy.delta == 1e-5
     assert privacy.epsilon_spent == pytest.approx(ledger.epsilon_spent(), rel=1e-9) and privacy.epsilon_spent > 0
     assert privacy.epsilon_remaining == pytest.approx(4.0 - ledger.epsilon_spent(), rel=1e-9)
+    assert not any("budget" in hint for hint in site_status(tmp_path, SITE, tmp_path / "federation").hints)
+    while True:  # spend until one more round like the last would not fit: the status says so before it is refused
+        try:
+            ledger.check_round(noise_multiplier=2.0, sample_rate=0.1, steps=5)
+        except BudgetExceeded:
+            break
+        ledger.record_round(f"run-2:{ledger.summary()['rounds']}", noise_multiplier=2.0, sample_rate=0.1, steps=5)
+    late = site_status(tmp_path, SITE, tmp_path / "federation")
+    assert late.privacy is not None and late.privacy.epsilon_remaining > 0
+    assert any("nearly used up" in hint for hint in late.hints)
     path.write_text("{not json")
     broken = site_status(tmp_path, SITE, tmp_path / "federation")
     assert broken.failed and any(str(path) in hint and "restore" in hint for hint in broken.hints)
