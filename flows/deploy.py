@@ -215,7 +215,7 @@ class CycleRun:
 
     deployment: str
     flow_run_id: str
-    started_by: str  # "manual" (run_deployment) or "trigger" (an automation created it)
+    started_by: str  # "manual" (this cycle created it), "trigger" (an automation did, per its created_by) or "other"
     state: str
     seconds: float
 
@@ -245,7 +245,9 @@ def run_cycle(
         _check(runs)
         for name in [PUBLISH.format(site=site) for site in sites] + [FEDERATION_PUBLISH]:
             triggered = _wait_for_run(client, ids[name], after=started, timeout=timeout)
-            runs.append(_finish(client, triggered, "trigger", timeout))
+            # The server stamps a run an automation's action created with created_by.type "AUTOMATION".
+            by = triggered.created_by
+            runs.append(_finish(client, triggered, "trigger" if by and by.type == "AUTOMATION" else "other", timeout))
         _check(runs)
     return runs
 

@@ -60,9 +60,11 @@ def stack(tmp_path: Path, data_dir: Path, federation: Federation) -> Iterator[Pr
         started.set_variables({"twinfed_data_dir": str(data_dir),
                                "twinfed_federation_dir": str(tmp_path / "federation"),
                                "twinfed_operator_home": str(federation.operator.home)})  # fmt: skip
+        # Deploy before the workers start polling: on sqlite, four polling workers and `prefect deploy` writing
+        # eight deployments contend for the database lock (one run hung past 300 s doing it the other way round).
+        started.deploy()
         for pool in pools:
             started.start_worker(pool, query_seconds=2)
-        started.deploy()
         yield started
     finally:
         started.stop()
