@@ -30,7 +30,6 @@ Usage: python bench/federated.py [--reuse] [--data-dir data/bench-federated] [--
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -106,32 +105,12 @@ def prepare_sites(data_dir: Path, *, reuse: bool, patients: int, days: int) -> d
     ready = all((data_dir / "sites" / s / "features" / "features.json").exists() for s in SITES)
     if reuse and ready:
         return {"reused": True}
-    from flows.demo_sites.generate import generate_sites
-    from flows.demo_sites.profile import load_profiles
+    from flows.demo_sites.ingested import generate_and_ingest
 
-    shutil.rmtree(data_dir, ignore_errors=True)
-    data_dir.mkdir(parents=True)
-    for site in SITES:  # a fixed key per site, so every fresh run splits the same patients (demo data only)
-        secret = data_dir / "sites" / site / "secret.key"
-        secret.parent.mkdir(parents=True)
-        secret.write_text(hashlib.sha256(f"twinfed bench federated {site}".encode()).hexdigest() + "\n")
-        secret.chmod(0o600)
-    started = time.perf_counter()
-    profiles = [p.with_overrides(patients=patients, days=days) for p in load_profiles() if p.site.id in SITES]
-    generate_sites(profiles, data_dir, workers=2)
-    generated = time.perf_counter() - started
-    os.environ.setdefault("PREFECT_HOME", str(data_dir / "prefect_home"))
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    from prefect.testing.utilities import prefect_test_harness
-
-    from flows.site_flow import site_ingest
-
-    started = time.perf_counter()
-    with prefect_test_harness(server_startup_timeout=60):
-        for site in SITES:
-            site_ingest(site, data_dir=data_dir, build_docs=False)
-    return {"reused": False, "generate_seconds": round(generated, 1),
-            "ingest_seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
+    # A fixed key per site, so every fresh run splits the same patients (demo data only).
+    timings = generate_and_ingest(data_dir, SITES, patients=patients, days=days,
+                                  fixed_secrets="twinfed bench federated")  # fmt: skip
+    return {"reused": False, **timings}
 
 
 def git_revision() -> dict[str, Any]:

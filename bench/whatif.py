@@ -49,7 +49,6 @@ import hashlib
 import json
 import os
 import platform
-import shutil
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -213,26 +212,9 @@ def prepare_sites(data_dir: Path, *, reuse: bool, patients: int, days: int) -> d
     if reuse and ready:
         earlier = json.loads(record.read_text()) if record.exists() else {}
         return {**earlier, "reused": True, "data_dir": str(data_dir)}
-    from flows.demo_sites.generate import generate_sites
-    from flows.demo_sites.profile import load_profiles
+    from flows.demo_sites.ingested import generate_and_ingest
 
-    shutil.rmtree(data_dir, ignore_errors=True)
-    data_dir.mkdir(parents=True)
-    started = time.perf_counter()
-    profiles = [p.with_overrides(patients=patients, days=days) for p in load_profiles() if p.site.id in SITES]
-    generate_sites(profiles, data_dir, workers=2)
-    generated = time.perf_counter() - started
-    os.environ.setdefault("PREFECT_HOME", str(data_dir / "prefect_home"))
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    from prefect.testing.utilities import prefect_test_harness
-
-    from flows.site_flow import site_ingest
-
-    started = time.perf_counter()
-    with prefect_test_harness(server_startup_timeout=60):
-        for site in SITES:
-            site_ingest(site, data_dir=data_dir, build_docs=False)
-    done = {"generate_seconds": round(generated, 1), "ingest_seconds": round(time.perf_counter() - started, 1)}
+    done = generate_and_ingest(data_dir, SITES, patients=patients, days=days)
     record.write_text(json.dumps(done) + "\n")
     return {**done, "reused": False, "data_dir": str(data_dir)}
 
