@@ -44,3 +44,54 @@ def consensus_metrics(glucose_mg_dl: np.ndarray, axis: int | None = None) -> dic
         "tar_above_180_percent": share(g > RANGE_HIGH),
         "tar_above_250_percent": share(g > RANGE_HIGH_SEVERE),
     }
+
+
+def probability_in_range(
+    lower: np.ndarray,
+    median: np.ndarray,
+    upper: np.ndarray,
+    *,
+    low: float = RANGE_LOW,
+    high: float = RANGE_HIGH,
+    coverage: float = 0.90,
+) -> np.ndarray:
+    """Probability that a forecast bin's glucose lies in [low, high], from its median and central interval.
+
+    `lower` and `upper` are the forecast's quantiles at (1 - coverage)/2 and (1 + coverage)/2 (same shapes as
+    `median`). The glucose is a two-piece normal that reproduces the three quantiles: below the median a normal of
+    the lower half-width, above it one of the upper. A zero-width interval gives 1 or 0 (the median in range or not).
+    """
+    from scipy.special import ndtr, ndtri
+
+    scale = float(ndtri(0.5 + coverage / 2.0))
+    median = np.asarray(median, dtype=float)
+    below = (median - np.asarray(lower, dtype=float)) / scale
+    above = (np.asarray(upper, dtype=float) - median) / scale
+    if (below < 0).any() or (above < 0).any():
+        raise ValueError("quantiles out of order: need lower <= median <= upper in every bin")
+
+    def share_at_most(x: float, *, inclusive: bool) -> np.ndarray:
+        spread = np.where(x < median, below, above)
+        certain = (median <= x) if inclusive else (median < x)
+        return np.where(spread > 0, ndtr((x - median) / np.where(spread > 0, spread, 1.0)), certain)
+
+    return np.asarray(share_at_most(high, inclusive=True) - share_at_most(low, inclusive=False))
+
+
+def expected_time_in_range(
+    lower: np.ndarray,
+    median: np.ndarray,
+    upper: np.ndarray,
+    *,
+    low: float = RANGE_LOW,
+    high: float = RANGE_HIGH,
+    coverage: float = 0.90,
+) -> np.ndarray:
+    """Expected time in range (%) of forecast trajectories: `probability_in_range` averaged over the last axis (bins).
+
+    Counting the median's bins in range treats the forecast as certain: a trajectory just outside a bound counts 0%
+    however wide its interval. The expectation weighs each bin by its chance of being in range; by linearity it does
+    not depend on how the errors of different bins are correlated. Zero-width intervals give the median's count.
+    """
+    inside = probability_in_range(lower, median, upper, low=low, high=high, coverage=coverage)
+    return np.asarray(100.0 * inside.mean(axis=-1))

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from models.glucose_metrics import expected_time_in_range
 from models.twin import HISTORY_STEPS, HORIZON_STEPS, Normalizer, TwinSurrogate, Windows, predict
 from models.twin.scenarios import BASAL, BOLUS, CARBS, CATALOGUE
 from models.twin.windows import FUTURE_CHANNELS, HISTORY_CHANNELS, NORMALIZED, STATIC_CHANNELS
@@ -177,17 +178,55 @@ def untrained_twin() -> TwinSurrogate:
 
 
 def test_rolled_forecast_continues_the_two_hour_forecast() -> None:
-    """The 4-h twin answer is the 2-h forecast, then a forecast from its median with the plan's next 2 h."""
+    """The 4-h twin answer is the 2-h forecast, then a forecast from its median with the plan's next 2 h.
+
+    The rolled forecast's median is the second forecast's; its half-widths add the first forecast's at 2 h in
+    quadrature (it starts from a median, not from an observed reading).
+    """
     model = untrained_twin()
     rng = np.random.default_rng(3)
     plan = rng.uniform(0, 1, (4, PLAN_BINS, 3)).astype(np.float32)
     windows = replace(windows_for(plan), history=rng.uniform(80, 200, (4, HISTORY_STEPS, 5)).astype(np.float32))
     path = whatif.twin_trajectories(model, windows, plan, keep_schedule=False)
-    first = predict(model, windows)[..., 1]
+    assert path.shape == (4, PLAN_BINS, 3)
+    first = predict(model, windows)
     np.testing.assert_allclose(path[:, :HORIZON_STEPS], first)
-    history = np.concatenate([first[..., None], np.ones((4, HORIZON_STEPS, 1)), plan[:, :HORIZON_STEPS]], axis=2)
+    median = first[..., 1]
+    history = np.concatenate([median[..., None], np.ones((4, HORIZON_STEPS, 1)), plan[:, :HORIZON_STEPS]], axis=2)
     rolled = replace(windows, history=history.astype(np.float32), future_inputs=plan[:, HORIZON_STEPS:])
-    np.testing.assert_allclose(path[:, HORIZON_STEPS:], predict(model, rolled)[..., 1], rtol=1e-6)
+    second = predict(model, rolled)
+    np.testing.assert_allclose(path[:, HORIZON_STEPS:, 1], second[..., 1], rtol=1e-6)
+    for q, side in ((0, -1.0), (2, 1.0)):
+        carried = np.abs(first[:, -1, q] - median[:, -1])[:, None]
+        own = second[..., q] - second[..., 1]
+        np.testing.assert_allclose(
+            path[:, HORIZON_STEPS:, q], second[..., 1] + side * np.hypot(own, carried), rtol=1e-5
+        )
+
+
+def test_time_in_range_bounds_separate_the_level_from_the_effect() -> None:
+    """The exact change on a level 30 mg/dL too high counts the wrong crossings; on the true level it is exact.
+
+    `tir_with_exact_effect_on_twin_level` takes the simulator's change on the twin's level; here the twin's change
+    is the simulator's, so it equals the twin's own count. `tir_expected` is the change in expected time in range.
+    """
+    bins = PLAN_BINS
+    sim_before = np.tile(np.linspace(150.0, 210.0, bins), (3, 1))
+    effect = np.array([-10.0, -20.0, -40.0])[:, None] * np.ones(bins)
+    sim_after = sim_before + effect
+    twin_level = sim_before + 30.0
+    twin_before = np.repeat(twin_level[..., None], 3, axis=2) + np.array([-25.0, 0.0, 25.0])
+    twin_after = twin_before + effect[..., None]
+    got = whatif._horizon_metrics(sim_before, sim_after, twin_before, twin_after, bins * 5)
+    sim_tir = whatif.trajectory_summary(sim_after)["tir"] - whatif.trajectory_summary(sim_before)["tir"]
+    assert got["mean_glucose"]["mean_twin_change"] == pytest.approx(effect[:, 0].mean(), abs=1e-3)
+    assert got["tir_on_simulator_baseline"]["mae"] == pytest.approx(0.0)  # the exact change on the exact level
+    assert got["tir"]["mae"] > 5.0  # the same change on the wrong level counts other crossings
+    assert got["tir_with_exact_effect_on_twin_level"]["mae"] == pytest.approx(got["tir"]["mae"])
+    assert got["tir_expected"]["mean_simulator_change"] == pytest.approx(sim_tir.mean(), abs=1e-3)
+    expected = [expected_time_in_range(q[..., 0], q[..., 1], q[..., 2]) for q in (twin_before, twin_after)]
+    assert got["tir_expected"]["mean_twin_change"] == pytest.approx((expected[1] - expected[0]).mean(), abs=1e-3)
+    assert got["tir_expected"]["mean_twin_change"] != pytest.approx(got["tir"]["mean_twin_change"], abs=0.5)
 
 
 def test_rolled_forecast_keeps_the_origins_basal_schedule() -> None:
@@ -198,11 +237,11 @@ def test_rolled_forecast_keeps_the_origins_basal_schedule() -> None:
     plan = np.zeros((3, PLAN_BINS, 3), np.float32)
     plan[..., BASAL] = 0.1
     windows = replace(windows_for(plan), history=history)
-    steady = [whatif.twin_trajectories(model, windows, plan, keep_schedule=k) for k in (True, False)]
+    steady = [whatif.twin_trajectories(model, windows, plan, keep_schedule=k)[..., 1] for k in (True, False)]
     np.testing.assert_allclose(steady[0], steady[1], rtol=1e-6)
     lower = plan.copy()
     lower[..., BASAL] = 0.09
-    kept, reset = (whatif.twin_trajectories(model, windows, lower, keep_schedule=k) for k in (True, False))
+    kept, reset = (whatif.twin_trajectories(model, windows, lower, keep_schedule=k)[..., 1] for k in (True, False))
     np.testing.assert_allclose(kept[:, :HORIZON_STEPS], reset[:, :HORIZON_STEPS])
     assert (kept[:, HORIZON_STEPS:] - reset[:, HORIZON_STEPS:] > 0).all()
 
