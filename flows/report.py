@@ -3,7 +3,8 @@
 A site's page (written inside the site's folder, `data/sites/<site>/report/index.html`: it shows one pseudonymous
 patient and never leaves the site) has: the 30-minute-ahead forecast against the CGM later recorded, with its 90%
 interval, for the patient with the most scored forecasts; that patient's newest forecast with each what-if
-scenario side by side; and the site's accuracy by horizon against persistence with interval coverage. The
+scenario side by side, with a table of what each scenario changes over the two hours (mean glucose, expected time
+in range); and the site's accuracy by horizon against persistence with interval coverage. The
 federation page (`data/federation/report/index.html`, aggregates only) shows the privacy each site has spent
 round by round against its budget, and the pooled accuracy of each round. Plots are PNG embedded as base64 (no
 script, no network); everything is read through read-only connections to the published marts.
@@ -28,6 +29,7 @@ from matplotlib.figure import Figure  # noqa: E402
 
 from flows.marts.query import QueryError, connect_read_only, mart_path  # noqa: E402
 from flows.site_store import replace_atomically  # noqa: E402
+from models.glucose_metrics import expected_time_in_range  # noqa: E402
 
 FEDERATION = "federation"
 STYLE = """body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;color:#222}
@@ -66,7 +68,10 @@ def write_reports(data_dir: Path, federation_dir: Path, sites: list[str], *, fed
     return pages
 
 
-def _site_sections(mart: Path, site: str) -> list[tuple[str, str, Figure | None]]:
+Section = tuple[str, str, Figure | None, pl.DataFrame | None]  # heading, note, plot, table under it
+
+
+def _site_sections(mart: Path, site: str) -> list[Section]:
     con = connect_read_only(mart)
     try:
         forecast = _frame(
@@ -77,13 +82,17 @@ def _site_sections(mart: Path, site: str) -> list[tuple[str, str, Figure | None]
             "USING (person_id) WHERE NOT superseded AND horizon_min = 30 ORDER BY target_time",
         )
         person = int(forecast["person_id"][0]) if forecast.height else None
-        # The patient's newest cut-off among those the most scenarios answer (a live forecast plans no meal).
+        # The patient's newest cut-off among those the most scenarios answer (a live forecast plans no meal), with
+        # the baseline's quantiles from the batch's own forecast of that cut-off (its median is fct_whatif's baseline).
         whatif = _frame(
             con,
             "WITH chosen AS (SELECT batch_id, input_cutoff FROM fct_whatif WHERE person_id = ? "
             "GROUP BY batch_id, input_cutoff ORDER BY count(DISTINCT scenario_id) DESC, input_cutoff DESC, "
-            "batch_id DESC LIMIT 1) SELECT scenario_id, horizon_min, q50, baseline_q50 FROM fct_whatif "
-            "JOIN chosen USING (batch_id, input_cutoff) WHERE person_id = ? ORDER BY scenario_id, horizon_min",
+            "batch_id DESC LIMIT 1) SELECT w.scenario_id, w.horizon_min, w.q05, w.q50, w.q95, "
+            "f.q05 AS baseline_q05, coalesce(f.q50, w.baseline_q50) AS baseline_q50, f.q95 AS baseline_q95 "
+            "FROM fct_whatif AS w JOIN chosen USING (batch_id, input_cutoff) LEFT JOIN fct_glucose_forecast AS f "
+            "USING (batch_id, person_id, input_cutoff, horizon_min) WHERE w.person_id = ? "
+            "ORDER BY w.scenario_id, w.horizon_min",
             [person, person],
         )
         accuracy = _frame(
@@ -97,19 +106,22 @@ def _site_sections(mart: Path, site: str) -> list[tuple[str, str, Figure | None]
         (f"Forecast 30 minutes ahead vs CGM: patient {person}",
          "The median forecast made 30 minutes before each 5-minute bin, its calibrated 90% interval, and the CGM "
          "later recorded there. The patient is the one with the most scored forecasts (pseudonymous id).",
-         _forecast_plot(forecast) if forecast.height else None),
+         _forecast_plot(forecast) if forecast.height else None, None),
         ("What if: one forecast under each scenario",
          "The same patient, at the newest cut-off that the most scenarios answer: the median forecast under the "
-         "recorded plan and under each catalogue scenario (scenarios about a meal need a planned meal).",
-         _whatif_plot(whatif) if whatif.height else None),
+         "recorded plan and under each catalogue scenario (scenarios about a meal need a planned meal). The table "
+         "gives what each scenario changes over the two hours: the mean of the median forecast, and the expected "
+         "time in range 70-180 mg/dL, which weighs each 5-minute bin by its chance of being in range under the "
+         "calibrated 90% intervals (a median just outside a bound still counts in part).",
+         _whatif_plot(whatif) if whatif.height else None, whatif_summary(whatif) if whatif.height else None),
         ("Accuracy by horizon",
          "RMSE of the median forecast against the CGM recorded later, beside last-value persistence, and the "
          "share of CGM inside the 90% interval (target 90%).",
-         _accuracy_plot(accuracy) if accuracy.height else None),
+         _accuracy_plot(accuracy) if accuracy.height else None, None),
     ]  # fmt: skip
 
 
-def _federation_sections(mart: Path) -> list[tuple[str, str, Figure | None]]:
+def _federation_sections(mart: Path) -> list[Section]:
     con = connect_read_only(mart)
     try:
         ledger = _frame(
@@ -128,11 +140,11 @@ def _federation_sections(mart: Path) -> list[tuple[str, str, Figure | None]]:
         ("Privacy spent per site",
          "Each site's cumulative epsilon (patient-level, as its own ledger recorded it) after each round it "
          "accepted, and its budget (dashed). A site never passes its budget: it refuses the round.",
-         _privacy_plot(ledger) if ledger.height else None),
+         _privacy_plot(ledger) if ledger.height else None, None),
         ("Model quality per round",
          "Pooled RMSE at 30 minutes on the sites' held-out test patients against persistence, per registered "
          "model version and round (suppressed where too few test patients).",
-         _rounds_plot(rounds) if rounds.height else None),
+         _rounds_plot(rounds) if rounds.height else None, None),
     ]  # fmt: skip
 
 
@@ -164,6 +176,45 @@ def _whatif_plot(frame: pl.DataFrame) -> Figure:
     ax.set(xlabel="minutes ahead", ylabel="median forecast, mg/dL")
     ax.legend(fontsize=8)
     return fig
+
+
+def whatif_summary(frame: pl.DataFrame) -> pl.DataFrame:
+    """Per scenario of one patient's what-if forecasts (one cut-off, every horizon): what it changes over them.
+
+    `frame` has scenario_id, horizon_min, q05, q50, q95 (under the scenario) and baseline_q50, baseline_q05,
+    baseline_q95 (the forecast of the same cut-off without it). The change in mean glucose is that of the medians;
+    the change in expected time in range is `models.glucose_metrics.expected_time_in_range` under the scenario
+    minus without it, in percentage points (null where the baseline's interval is missing).
+    """
+    rows = []
+    for (scenario_id,), part in frame.sort("horizon_min").group_by("scenario_id", maintain_order=True):
+        mean_change = float((part["q50"] - part["baseline_q50"]).mean())  # type: ignore[arg-type]
+        tir_change = None
+        if part["baseline_q05"].null_count() == 0 and part["baseline_q95"].null_count() == 0:
+            under, without = (
+                float(expected_time_in_range(part[f"{prefix}q05"].to_numpy(), part[f"{prefix}q50"].to_numpy(),
+                                             part[f"{prefix}q95"].to_numpy()))
+                for prefix in ("", "baseline_")
+            )  # fmt: skip
+            tir_change = round(under - without, 1)
+        rows.append(
+            {
+                "scenario": str(scenario_id),
+                "minutes": int(part["horizon_min"].max()),  # type: ignore[arg-type]
+                "change in mean glucose, mg/dL": round(mean_change, 1),
+                "change in expected time in range 70-180, points": tir_change,
+            }
+        )
+    return pl.DataFrame(rows)
+
+
+def _html_table(frame: pl.DataFrame) -> str:
+    head = "".join(f"<th>{html.escape(name)}</th>" for name in frame.columns)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape('' if v is None else str(v))}</td>" for v in row) + "</tr>"
+        for row in frame.iter_rows()
+    )
+    return f"<table><tr>{head}</tr>{body}</table>"
 
 
 def _accuracy_plot(frame: pl.DataFrame) -> Figure:
@@ -201,7 +252,7 @@ def _rounds_plot(frame: pl.DataFrame) -> Figure:
     return fig
 
 
-def _write(path: Path, target: str, sections: list[tuple[str, str, Figure | None]]) -> Page:
+def _write(path: Path, target: str, sections: list[Section]) -> Page:
     title = f"twinfed report: {target}"
     parts = [
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
@@ -209,13 +260,15 @@ def _write(path: Path, target: str, sections: list[tuple[str, str, Figure | None
         f"<p class='note'>Written {datetime.now(UTC):%Y-%m-%d %H:%M} UTC from the published mart.</p>",
     ]
     plots = 0
-    for heading, note, figure in sections:
+    for heading, note, figure, table in sections:
         parts.append(f"<h2>{html.escape(heading)}</h2><p class='note'>{html.escape(note)}</p>")
         if figure is None:
             parts.append("<p><em>Nothing to show yet: the mart has no rows for this.</em></p>")
             continue
         parts.append(f"<img alt='{html.escape(heading)}' src='data:image/png;base64,{_png(figure)}'>")
         plots += 1
+        if table is not None:
+            parts.append(_html_table(table))
     parts.append("</body></html>")
     replace_atomically(path, lambda partial: partial.write_text("\n".join(parts), encoding="utf-8"))
     return Page(target, path, plots)
