@@ -266,3 +266,21 @@ def test_delivered_bins_spread_three_minute_steps_over_five_minute_bins() -> Non
     bins = whatif.delivered_bins(fake, 6)
     np.testing.assert_allclose(bins[0, :, 0], 0.05)  # 5 minutes of 0.01 U/min in every bin
     np.testing.assert_allclose(bins[0, :, 1], [0.0, 2.0, 0.0, 0.0, 0.0, 0.0])
+
+
+def test_simulator_change_explained_by_nested_patient_terms() -> None:
+    """A change that is each patient's sensitivity times the dose: a per-patient dose slope explains all of it.
+
+    The patient constant alone explains only part; the patient's reaction and the glucose level add nothing then.
+    """
+    rng = np.random.default_rng(5)
+    person = np.repeat(np.arange(6), 40)
+    sensitivity = rng.uniform(-40.0, -10.0, 6)[person]
+    dose = np.zeros((len(person), 3))
+    dose[:, BOLUS] = rng.uniform(0.1, 2.0, len(person))
+    change = sensitivity * dose[:, BOLUS]
+    zeros = np.zeros(len(person))
+    got = whatif._simulator_change_explained(change, person, rng.uniform(80, 250, len(person)), zeros, zeros, dose)
+    assert 0.0 < got["patient"] < 0.9
+    assert got["patient_and_dose"] == pytest.approx(1.0, abs=1e-4)
+    assert got["patient_dose_reaction_and_glucose_level"] == pytest.approx(1.0, abs=1e-4)
