@@ -61,6 +61,8 @@ SITE_MODELS: tuple[Model, ...] = (
     Model("mart_forecast_accuracy_patient", ("model_version", "person_id", "horizon_min")),
     Model("mart_forecast_accuracy_hourly", ("model_version", "horizon_min", "hour_utc")),
     Model("mart_whatif_effect", ("batch_id", "scenario_id", "horizon_min")),
+    Model("int_whatif_in_range"),
+    Model("mart_whatif_patient", ("batch_id", "scenario_id", "person_id", "input_cutoff")),
     Model("mart_data_quality", ("run_id", "source_file")),
     Model("mart_data_quality_checks", ("run_id", "check_name")),
     Model("mart_privacy_ledger", ("round_id",)),

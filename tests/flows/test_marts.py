@@ -32,7 +32,7 @@ from flows.marts.query import QueryError, check_read_only, connect_read_only, do
 from flows.marts.runner import SQL_DIR, MartBuildError
 from flows.marts.site import SITE_MODELS, build_site_mart
 from flows.marts.synthetic import START, SyntheticSite, write_batch, write_registry, write_site
-from models.glucose_metrics import consensus_metrics
+from models.glucose_metrics import consensus_metrics, expected_time_in_range
 
 K = MIN_CELL_PATIENTS
 READER = Path(__file__).with_name("mart_reader.py")
@@ -220,6 +220,35 @@ def test_forecasts_are_scored_against_their_target_bin(built: Built) -> None:
     paired = at30.filter(pl.col("persistence").is_not_null())
     persistence = (paired["persistence"] - paired["observed"]).to_numpy()
     assert accuracy["persistence_rmse_mg_dl"][0] == pytest.approx(math.sqrt(np.mean(persistence**2)))
+
+
+def test_whatif_per_patient_is_the_expected_time_in_range_of_the_batch_files(built: Built) -> None:
+    """mart_whatif_patient equals models.glucose_metrics on the batch files, one row per what-if forecast.
+
+    The mean change of the medians, and the change in expected time in range against the batch's own forecast
+    (SQL's normal CDF against scipy's).
+    """
+    layout = SiteMartLayout.under(built.data_dir, "testsite")
+    keys = ["batch_id", "person_id", "input_cutoff", "horizon_min"]
+    forecasts = pl.concat([pl.read_parquet(p) for p in sorted(layout.predictions.glob("*/forecast.parquet"))])
+    whatifs = pl.concat([pl.read_parquet(p) for p in sorted(layout.predictions.glob("*/whatif.parquet"))])
+    joined = whatifs.join(forecasts.select(*keys, base05="q05", base50="q50", base95="q95"), on=keys, how="inner").sort(
+        "horizon_min"
+    )
+    assert len(joined) == len(whatifs)
+    expected = {}
+    for key, rows in joined.group_by("batch_id", "scenario_id", "person_id", "input_cutoff"):
+        under = expected_time_in_range(*(rows[c].to_numpy() for c in ("q05", "q50", "q95")))
+        without = expected_time_in_range(*(rows[c].to_numpy() for c in ("base05", "base50", "base95")))
+        expected[key] = (float((rows["q50"] - rows["base50"]).mean()), float(under), float(under - without))  # type: ignore[arg-type]
+    mart = read(built.site(), "FROM mart_whatif_patient")
+    assert len(mart) == len(expected) > 0 and (mart["n_horizons"] == 24).all()
+    assert mart["change_expected_tir_pct"].abs().max() > 1.0  # the synthetic scenarios do move the expectation
+    for row in mart.iter_rows(named=True):
+        change, tir, tir_change = expected[(row["batch_id"], row["scenario_id"], row["person_id"], row["input_cutoff"])]
+        assert row["change_mean_mg_dl"] == pytest.approx(change, abs=1e-9)
+        assert row["expected_tir_pct"] == pytest.approx(tir, abs=1e-4)
+        assert row["change_expected_tir_pct"] == pytest.approx(tir_change, abs=1e-4)
 
 
 def test_data_quality_and_privacy_come_from_the_run_records_and_ledger(built: Built) -> None:
