@@ -29,7 +29,6 @@ from matplotlib.figure import Figure  # noqa: E402
 
 from flows.marts.query import QueryError, connect_read_only, mart_path  # noqa: E402
 from flows.site_store import replace_atomically  # noqa: E402
-from models.glucose_metrics import expected_time_in_range  # noqa: E402
 
 FEDERATION = "federation"
 STYLE = """body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;color:#222}
@@ -69,6 +68,11 @@ def write_reports(data_dir: Path, federation_dir: Path, sites: list[str], *, fed
 
 
 Section = tuple[str, str, Figure | None, pl.DataFrame | None]  # heading, note, plot, table under it
+# A patient's newest cut-off among those the most scenarios answer (a live forecast plans no meal); binds person_id.
+CHOSEN_CUTOFF = (
+    "WITH chosen AS (SELECT batch_id, input_cutoff FROM fct_whatif WHERE person_id = ? GROUP BY batch_id, "
+    "input_cutoff ORDER BY count(DISTINCT scenario_id) DESC, input_cutoff DESC, batch_id DESC LIMIT 1) "
+)
 
 
 def _site_sections(mart: Path, site: str) -> list[Section]:
@@ -82,17 +86,20 @@ def _site_sections(mart: Path, site: str) -> list[Section]:
             "USING (person_id) WHERE NOT superseded AND horizon_min = 30 ORDER BY target_time",
         )
         person = int(forecast["person_id"][0]) if forecast.height else None
-        # The patient's newest cut-off among those the most scenarios answer (a live forecast plans no meal), with
-        # the baseline's quantiles from the batch's own forecast of that cut-off (its median is fct_whatif's baseline).
         whatif = _frame(
             con,
-            "WITH chosen AS (SELECT batch_id, input_cutoff FROM fct_whatif WHERE person_id = ? "
-            "GROUP BY batch_id, input_cutoff ORDER BY count(DISTINCT scenario_id) DESC, input_cutoff DESC, "
-            "batch_id DESC LIMIT 1) SELECT w.scenario_id, w.horizon_min, w.q05, w.q50, w.q95, "
-            "f.q05 AS baseline_q05, coalesce(f.q50, w.baseline_q50) AS baseline_q50, f.q95 AS baseline_q95 "
-            "FROM fct_whatif AS w JOIN chosen USING (batch_id, input_cutoff) LEFT JOIN fct_glucose_forecast AS f "
-            "USING (batch_id, person_id, input_cutoff, horizon_min) WHERE w.person_id = ? "
-            "ORDER BY w.scenario_id, w.horizon_min",
+            CHOSEN_CUTOFF + "SELECT scenario_id, horizon_min, q50, baseline_q50 FROM fct_whatif "
+            "JOIN chosen USING (batch_id, input_cutoff) WHERE person_id = ? ORDER BY scenario_id, horizon_min",
+            [person, person],
+        )
+        # What each scenario changes over the two hours, for the same patient and cut-off (mart_whatif_patient).
+        summary = _frame(
+            con,
+            CHOSEN_CUTOFF + "SELECT scenario_id AS scenario, round(change_mean_mg_dl, 1) AS "
+            '"change in mean glucose, mg/dL", round(baseline_expected_tir_pct, 1) AS "expected time in range '
+            '70-180 without, %", round(change_expected_tir_pct, 1) AS "change in expected time in range, points" '
+            "FROM mart_whatif_patient JOIN chosen USING (batch_id, input_cutoff) WHERE person_id = ? "
+            "ORDER BY scenario_id",
             [person, person],
         )
         accuracy = _frame(
@@ -113,7 +120,7 @@ def _site_sections(mart: Path, site: str) -> list[Section]:
          "gives what each scenario changes over the two hours: the mean of the median forecast, and the expected "
          "time in range 70-180 mg/dL, which weighs each 5-minute bin by its chance of being in range under the "
          "calibrated 90% intervals (a median just outside a bound still counts in part).",
-         _whatif_plot(whatif) if whatif.height else None, whatif_summary(whatif) if whatif.height else None),
+         _whatif_plot(whatif) if whatif.height else None, summary if summary.height else None),
         ("Accuracy by horizon",
          "RMSE of the median forecast against the CGM recorded later, beside last-value persistence, and the "
          "share of CGM inside the 90% interval (target 90%).",
@@ -176,36 +183,6 @@ def _whatif_plot(frame: pl.DataFrame) -> Figure:
     ax.set(xlabel="minutes ahead", ylabel="median forecast, mg/dL")
     ax.legend(fontsize=8)
     return fig
-
-
-def whatif_summary(frame: pl.DataFrame) -> pl.DataFrame:
-    """Per scenario of one patient's what-if forecasts (one cut-off, every horizon): what it changes over them.
-
-    `frame` has scenario_id, horizon_min, q05, q50, q95 (under the scenario) and baseline_q50, baseline_q05,
-    baseline_q95 (the forecast of the same cut-off without it). The change in mean glucose is that of the medians;
-    the change in expected time in range is `models.glucose_metrics.expected_time_in_range` under the scenario
-    minus without it, in percentage points (null where the baseline's interval is missing).
-    """
-    rows = []
-    for (scenario_id,), part in frame.sort("horizon_min").group_by("scenario_id", maintain_order=True):
-        mean_change = float((part["q50"] - part["baseline_q50"]).mean())  # type: ignore[arg-type]
-        tir_change = None
-        if part["baseline_q05"].null_count() == 0 and part["baseline_q95"].null_count() == 0:
-            under, without = (
-                float(expected_time_in_range(part[f"{prefix}q05"].to_numpy(), part[f"{prefix}q50"].to_numpy(),
-                                             part[f"{prefix}q95"].to_numpy()))
-                for prefix in ("", "baseline_")
-            )  # fmt: skip
-            tir_change = round(under - without, 1)
-        rows.append(
-            {
-                "scenario": str(scenario_id),
-                "minutes": int(part["horizon_min"].max()),  # type: ignore[arg-type]
-                "change in mean glucose, mg/dL": round(mean_change, 1),
-                "change in expected time in range 70-180, points": tir_change,
-            }
-        )
-    return pl.DataFrame(rows)
 
 
 def _html_table(frame: pl.DataFrame) -> str:
