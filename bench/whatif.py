@@ -34,7 +34,11 @@ simulator replays cached there.
 Writes bench/results/whatif.json: per scenario and horizon the numbers above, the excluded windows by reason, the
 plan agreement, the effect-size ratios by minute, settings, timings and machine, and whether the target
 (correlation >= 0.8 for every scenario, mean glucose and time in range, at 4 h) is met, with a diagnosis that
-includes the candidate fixes measured by bench/whatif_experiments.py when its results file exists.
+includes the candidate fixes measured by bench/whatif_experiments.py when its results file exists. Beside the
+issue's numbers it scores the twin's change in *expected* time in range over its intervals (`tir_expected`), and
+bounds what any effect model could reach: the simulator's exact change on the twin's forecast level
+(`tir_with_exact_effect_on_twin_level`) and the share of the simulator's own change that per-patient dose-linear
+terms explain in sample (`what_explains_the_simulator_change_240`).
 
 Usage: python bench/whatif.py [--reuse] [--data-dir data/bench-whatif] [--federation-dir data/federation]
                               [--model auto|registry|pooled] [--out bench/results/whatif.json]
