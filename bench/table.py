@@ -70,7 +70,7 @@ def _whatif(d: dict[str, Any]) -> tuple[str, str, str]:
     rs = {name: by[horizon]["mean_glucose"]["pearson_r"] for name, by in d["summary"].items()}
     tir = max(by[horizon]["tir"]["pearson_r"] for by in d["summary"].values())
     expected = max(s["horizons_min"][horizon]["tir_expected"]["pearson_r"] for s in d["scenarios"].values())
-    ceiling = d["diagnosis"]["time_in_range_reachable_with_an_exact_effect_at_this_level_accuracy"]["best_pearson_r"]
+    ceiling = d["diagnosis"]["time_in_range_with_the_exact_effect_on_the_twin_level"]["best_pearson_r"]
     measured = (f"r of the change in {horizon}-min mean glucose, twin vs simulator: "
                 + ", ".join(f"{k} {v:.2f}" for k, v in rs.items())
                 + f"; time in range r <= {tir:.2f} (expected TIR over the intervals <= {expected:.2f}; with the "

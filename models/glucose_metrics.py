@@ -59,7 +59,8 @@ def probability_in_range(
 
     `lower` and `upper` are the forecast's quantiles at (1 - coverage)/2 and (1 + coverage)/2 (same shapes as
     `median`). The glucose is a two-piece normal that reproduces the three quantiles: below the median a normal of
-    the lower half-width, above it one of the upper. A zero-width interval gives 1 or 0 (the median in range or not).
+    the lower half-width, above it one of the upper. A zero-width half puts its 50% on the median itself, so a
+    zero-width interval gives 1 or 0 (the median in range or not). NaN in any quantile gives NaN.
     """
     from scipy.special import ndtr, ndtri
 
@@ -70,12 +71,15 @@ def probability_in_range(
     if (below < 0).any() or (above < 0).any():
         raise ValueError("quantiles out of order: need lower <= median <= upper in every bin")
 
-    def share_at_most(x: float, *, inclusive: bool) -> np.ndarray:
-        spread = np.where(x < median, below, above)
-        certain = (median <= x) if inclusive else (median < x)
+    def share_under(x: float, *, inclusive: bool) -> np.ndarray:
+        """P(glucose <= x), or P(glucose < x): the half below the median answers for x under it (or at it, strict)."""
+        lower_half = (x < median) if inclusive else (x <= median)
+        spread = np.where(lower_half, below, above)
+        certain = np.where(lower_half, 0.0, 1.0)  # a zero-width half: its mass sits on the median
         return np.where(spread > 0, ndtr((x - median) / np.where(spread > 0, spread, 1.0)), certain)
 
-    return np.asarray(share_at_most(high, inclusive=True) - share_at_most(low, inclusive=False))
+    inside = share_under(high, inclusive=True) - share_under(low, inclusive=False)
+    return np.asarray(np.where(np.isnan(below) | np.isnan(above), np.nan, inside))
 
 
 def expected_time_in_range(

@@ -204,7 +204,7 @@ def test_rolled_forecast_continues_the_two_hour_forecast() -> None:
         )
 
 
-def test_time_in_range_bounds_separate_the_level_from_the_effect() -> None:
+def test_time_in_range_references_separate_the_level_from_the_effect() -> None:
     """The exact change on a level 30 mg/dL too high counts the wrong crossings; on the true level it is exact.
 
     `tir_with_exact_effect_on_twin_level` takes the simulator's change on the twin's level; here the twin's change
@@ -227,6 +227,9 @@ def test_time_in_range_bounds_separate_the_level_from_the_effect() -> None:
     expected = [expected_time_in_range(q[..., 0], q[..., 1], q[..., 2]) for q in (twin_before, twin_after)]
     assert got["tir_expected"]["mean_twin_change"] == pytest.approx((expected[1] - expected[0]).mean(), abs=1e-3)
     assert got["tir_expected"]["mean_twin_change"] != pytest.approx(got["tir"]["mean_twin_change"], abs=0.5)
+    # The twin's change is the simulator's here, so the exact effect on the twin's level is the twin's own answer.
+    exact = got["tir_expected_with_exact_effect_on_twin_level"]
+    assert exact["mean_twin_change"] == pytest.approx(got["tir_expected"]["mean_twin_change"], abs=1e-3)
 
 
 def test_rolled_forecast_keeps_the_origins_basal_schedule() -> None:

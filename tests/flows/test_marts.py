@@ -29,10 +29,10 @@ from flows.marts.cli import app
 from flows.marts.federation import FEDERATION_MODELS, build_federation_mart
 from flows.marts.layout import MIN_CELL_PATIENTS, SiteMartLayout, federation_mart_path
 from flows.marts.query import QueryError, check_read_only, connect_read_only, documented_queries, run_query
-from flows.marts.runner import SQL_DIR, MartBuildError
+from flows.marts.runner import SQL_DIR, MartBuildError, set_variables
 from flows.marts.site import SITE_MODELS, build_site_mart
 from flows.marts.synthetic import START, SyntheticSite, write_batch, write_registry, write_site
-from models.glucose_metrics import consensus_metrics, expected_time_in_range
+from models.glucose_metrics import consensus_metrics, expected_time_in_range, probability_in_range
 
 K = MIN_CELL_PATIENTS
 READER = Path(__file__).with_name("mart_reader.py")
@@ -249,6 +249,48 @@ def test_whatif_per_patient_is_the_expected_time_in_range_of_the_batch_files(bui
         assert row["change_mean_mg_dl"] == pytest.approx(change, abs=1e-9)
         assert row["expected_tir_pct"] == pytest.approx(tir, abs=1e-4)
         assert row["change_expected_tir_pct"] == pytest.approx(tir_change, abs=1e-4)
+
+
+def test_a_whatif_without_its_baseline_forecast_reports_no_change(tmp_path: Path) -> None:
+    """A what-if cut-off whose baseline forecast lacks a bin gets no mart_whatif_patient row; the others all do."""
+    layout = small_site(tmp_path)
+    folder = sorted(layout.predictions.iterdir())[0]
+    whatif = pl.read_parquet(folder / "whatif.parquet")
+    person, cutoff = whatif["person_id"][0], whatif["input_cutoff"][0]
+    forecast = pl.read_parquet(folder / "forecast.parquet")
+    gap = (pl.col("person_id") == person) & (pl.col("input_cutoff") == cutoff) & (pl.col("horizon_min") == 60)
+    forecast.filter(~gap).write_parquet(folder / "forecast.parquet")
+    build_site_mart(tmp_path, "tiny")
+    rows = read(layout.database, "SELECT person_id, input_cutoff FROM mart_whatif_patient")
+    groups = whatif.select("scenario_id", "person_id", "input_cutoff").unique()
+    missing = groups.filter((pl.col("person_id") == person) & (pl.col("input_cutoff") == cutoff))
+    assert len(missing) >= 1 and len(rows) == len(groups) - len(missing)
+    assert rows.filter((pl.col("person_id") == person) & (pl.col("input_cutoff") == cutoff)).is_empty()
+
+
+def test_the_marts_probability_in_range_is_the_python_one() -> None:
+    """The SQL macros (normal CDF by Abramowitz and Stegun) against models.glucose_metrics (scipy).
+
+    On random quantiles and on the edge cases: a median on a bound with one half of zero width, a zero-width interval.
+    """
+    con = duckdb.connect()
+    set_variables(con, {"range_low": 70.0, "range_high": 180.0})
+    sql = (SQL_DIR / "site" / "int_whatif_in_range.sql").read_text()
+    con.execute(sql[: sql.index("CREATE OR REPLACE TEMP TABLE")])
+    rng = np.random.default_rng(4)
+    median = rng.uniform(30.0, 300.0, 500)
+    lower = median - rng.uniform(0.0, 80.0, 500) * (rng.random(500) < 0.9)
+    upper = median + rng.uniform(0.0, 80.0, 500) * (rng.random(500) < 0.9)
+    edges = np.array([[50, 70, 70], [70, 70, 90], [70, 70, 70], [69.9, 69.9, 69.9], [150, 180, 180], [180, 180, 200],
+                      [180.1, 180.1, 180.1]])  # fmt: skip
+    quantiles = np.vstack([np.column_stack([lower, median, upper]), edges])
+    con.register("q", pl.DataFrame(quantiles, schema=["q05", "q50", "q95"], orient="row").to_arrow())
+    got = np.array([row[0] for row in con.execute("SELECT whatif_p_in_range(q05, q50, q95) FROM q").fetchall()])
+    np.testing.assert_allclose(got, probability_in_range(*quantiles.T), atol=2e-7)
+    assert con.execute("SELECT whatif_p_in_range(NULL, 100, 120), whatif_p_in_range(130, 120, 140)").fetchone() == (
+        None,
+        None,
+    )
 
 
 def test_data_quality_and_privacy_come_from_the_run_records_and_ledger(built: Built) -> None:

@@ -39,6 +39,22 @@ def test_expected_time_in_range_matches_sampling_the_two_piece_normal() -> None:
     np.testing.assert_allclose(expected_time_in_range(lower, median, upper), sampled, atol=1.0)
 
 
+def test_a_zero_width_half_puts_its_half_of_the_mass_on_the_median() -> None:
+    """On a bound, a zero-width half counts in or out whole: half of the mass is exactly at the median."""
+    lower = np.array([50.0, 70.0, 150.0, 180.0])
+    median = np.array([70.0, 70.0, 180.0, 180.0])
+    upper = np.array([70.0, 90.0, 180.0, 200.0])
+    inside = probability_in_range(lower, median, upper)
+    # (50, 70, 70): the lower half lies below 70, the upper half's mass sits on 70 (in range).
+    # (70, 70, 90): the lower half's mass sits on 70 (in), the upper half spreads above it, nearly all under 180.
+    np.testing.assert_allclose(inside, [0.5, 1.0 - ndtr(-110.0 / (20.0 / 1.6448536)), 1.0, 0.5], atol=1e-9)
+
+
+def test_a_missing_quantile_gives_no_probability() -> None:
+    inside = probability_in_range(np.array([np.nan, 90.0]), np.array([100.0, 100.0]), np.array([120.0, 120.0]))
+    assert np.isnan(inside[0]) and not np.isnan(inside[1])
+
+
 def test_quantiles_out_of_order_are_refused() -> None:
     with pytest.raises(ValueError, match="out of order"):
         expected_time_in_range(np.array([[130.0]]), np.array([[120.0]]), np.array([[140.0]]))

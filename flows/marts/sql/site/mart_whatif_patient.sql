@@ -18,8 +18,9 @@ SELECT
     100.0 * avg(p_in_range - baseline_p_in_range) AS change_expected_tir_pct
 FROM int_whatif_in_range
 GROUP BY batch_id, scenario_id, person_id, input_cutoff
--- A what-if without its baseline forecast has no change to report (the prediction flow writes both).
-HAVING count(baseline_p_in_range) = count(*)
+-- A what-if without its baseline forecast, or with a bin it cannot weigh, has no change to report (the
+-- prediction flow writes both, and its contract admits no missing or crossed quantile).
+HAVING count(baseline_p_in_range) = count(*) AND count(p_in_range) = count(*)
 ORDER BY person_id, scenario_id, input_cutoff, batch_id;
 
 COMMENT ON TABLE mart_whatif_patient IS 'What each what-if scenario changes for a patient at a cut-off over the forecast''s two hours (key batch_id, scenario_id, person_id, input_cutoff): mean glucose and expected time in range 70-180, with and without the scenario. Sorted by person_id, scenario_id, input_cutoff.';
