@@ -143,6 +143,17 @@ class TwinSurrogate(nn.Module):
 
     def forward(self, history: torch.Tensor, future_inputs: torch.Tensor, static: torch.Tensor) -> torch.Tensor:
         """Quantile forecasts in mg/dL for windows given in raw units (see models.twin.windows.Windows)."""
+        return self.parts(history, future_inputs, static)[0]
+
+    def parts(
+        self, history: torch.Tensor, future_inputs: torch.Tensor, static: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The quantile forecasts and, (n, HORIZON_STEPS) in mg/dL, the carbohydrate and insulin effects in them.
+
+        The median is the last reading plus a change with `carb_effect - insulin_effect` in it: the part of the
+        forecast the window's doses (past and planned) make through the response curves, which
+        `models.twin.personal` rescales per patient.
+        """
         glucose_mean, glucose_std = self.mean[0], self.std[0]
         input_mean, input_std = self.mean[self.inputs_index], self.std[self.inputs_index]
         last = history[:, -1, CGM]
@@ -174,7 +185,8 @@ class TwinSurrogate(nn.Module):
 
         plan = ((future_inputs - input_mean) / input_std).view(-1, HORIZON_STEPS // PLAN_BLOCK, PLAN_BLOCK, 3)
         widths = F.softplus(self.width(context) + self.width_plan(plan.mean(dim=2).flatten(1))) * glucose_std
-        return torch.stack([median - widths[:, :HORIZON_STEPS], median, median + widths[:, HORIZON_STEPS:]], dim=2)
+        quantiles = torch.stack([median - widths[:, :HORIZON_STEPS], median, median + widths[:, HORIZON_STEPS:]], dim=2)
+        return quantiles, carb_effect * glucose_std, insulin_effect * glucose_std
 
     def normalizer(self) -> Normalizer:
         """The Normalizer the model was built with (e.g. to save beside state_arrays with to_dict)."""
