@@ -225,6 +225,9 @@ def predict(
     scenario: Annotated[
         list[str] | None, typer.Option(help="What-if scenario ids (default: the whole catalogue).")
     ] = None,
+    personalize: Annotated[
+        bool, typer.Option(help="Calibrate each patient's dose effects on their own earlier records at the site.")
+    ] = True,
 ) -> None:
     """Forecast every patient with the registered twin, answer the what-ifs, validate, and publish per site."""
     chosen = sites or sorted(p.stem for p in DEFAULT_MAPPINGS_DIR.glob("*.toml"))
@@ -235,7 +238,8 @@ def predict(
     for site in chosen:  # one site's failure does not stop the others
         try:
             run = site_predict(site, data_dir=data_dir, federation_dir=federation_dir, model_version=model_version,
-                               every_min=every_min, days=days, scenarios=scenario)  # fmt: skip
+                               every_min=every_min, days=days, scenarios=scenario,
+                               personalize=personalize)  # fmt: skip
         except (PredictionContractFailed, FileNotFoundError, KeyError, ValueError) as error:
             console.print(f"[red]{site}: {error}[/red]")
             failed.append(site)

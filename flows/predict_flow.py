@@ -3,7 +3,8 @@
 `site_predict` loads a registered model version (the newest unless one is named), cuts forecast windows from the
 site's features at a fixed cadence over the last days up to each patient's newest CGM (the last one is the live
 forecast of the next two hours), calibrates the intervals on the site's own calibration patients (conformal, the
-offsets stay at the site), forecasts, answers every catalogue scenario (`models.twin.scenarios`), and runs the
+offsets stay at the site), forecasts with each patient's dose effects calibrated on their own earlier records
+(`models.twin.personal`, also at the site), answers every catalogue scenario (`models.twin.scenarios`), and runs the
 prediction contract (`data_contracts.predictions`). A batch that passes is written under
 `data/sites/<site>/predictions/<batch_id>/` for the site mart; one that fails is written under
 `quarantine/predictions/<batch_id>/` with the failed checks and their reasons, is not published, and the flow
@@ -36,6 +37,7 @@ from flows.site_store import SiteStore, write_json_atomic, write_parquet_atomic
 from models.twin import TwinSurrogate, Windows, apply, build_windows, calibrate, predict, split_patients
 from models.twin.conformal import Calibration
 from models.twin.forecast import forecast_windows
+from models.twin.personal import PRIOR_SD, EffectEvidence, cutoffs, evidence, multipliers, personal_predict
 from models.twin.scenarios import CATALOGUE, Scenario, apply_scenario, scenario
 
 BIN_MIN = 5
@@ -61,40 +63,83 @@ def load_model(federation_dir: Path, version: str | None) -> RegisteredModel:
 
 @task(cache_policy=NO_CACHE, persist_result=False)
 def forecast_batch(
-    registered: RegisteredModel, store: SiteStore, every_min: int, days: float, scenarios: list[Scenario]
+    registered: RegisteredModel,
+    store: SiteStore,
+    every_min: int,
+    days: float,
+    scenarios: list[Scenario],
+    personalize: bool = True,
 ) -> dict[str, Any]:
-    """Forecast and what-if frames of the batch, and the site-local calibration used."""
+    """Forecast and what-if frames of the batch, the site-local calibration used, and the personalization's summary.
+
+    With `personalize`, each patient's dose effects are scaled by multipliers fitted on that patient's own windows
+    that ended by each cut-off (`models.twin.personal`), in the calibration windows as in the forecasts.
+    """
     model = registered.model()
     features = read_features(store.features)
-    calibration_windows = split_patients(build_windows(features)).calibration
-    calibration = calibrate(predict(model, calibration_windows), calibration_windows.target, alpha=0.1)
+    recorded = build_windows(features)
+    found = evidence(model, recorded) if personalize else None
+    calibration_windows = split_patients(recorded).calibration
+    calibration = calibrate(_personal(model, calibration_windows, found), calibration_windows.target, alpha=0.1)
     last_ms = int(features.grid["bin_start"].dt.epoch("ms").max() or 0)  # type: ignore[arg-type]
     since = np.datetime64(last_ms - int(days * 86_400_000), "ms")
     windows = forecast_windows(features, every_bins=max(every_min // BIN_MIN, 1), since=since)
-    baseline = _forecast(model, windows, calibration)
+    baseline = _forecast(model, windows, calibration, found)
     frames = {"forecast": _rows(windows, baseline, registered.version)}
     whatifs = []
     for chosen in scenarios:
         changed, applies = apply_scenario(windows, chosen)
         subset = changed.select(np.flatnonzero(applies))
-        answer = _forecast(model, subset, calibration)
+        answer = _forecast(model, subset, calibration, found)
         rows = _rows(subset, answer, registered.version).with_columns(
             pl.lit(chosen.scenario_id).alias("scenario_id"),
             pl.Series("baseline_q50", baseline[applies][:, :, 1].reshape(-1)),
         )
         whatifs.append(rows)
     frames["whatif"] = pl.concat(whatifs) if whatifs else _rows(windows.select(np.zeros(0, int)), baseline[:0], "")
-    return {"frames": frames, "calibration": calibration, "windows": len(windows)}
+    return {
+        "frames": frames,
+        "calibration": calibration,
+        "windows": len(windows),
+        "personalization": _personalization_summary(found, windows),
+    }
 
 
-def _forecast(model: TwinSurrogate, windows: Windows, calibration: Calibration) -> np.ndarray:
+def _personal(model: TwinSurrogate, windows: Windows, found: EffectEvidence | None) -> np.ndarray:
+    """Raw quantiles: the shared model's, or with each patient's dose-effect multipliers as of each cut-off."""
+    if found is None:
+        return predict(model, windows)
+    return personal_predict(model, windows, multipliers(found, windows.person_id, cutoffs(windows)))
+
+
+def _personalization_summary(found: EffectEvidence | None, windows: Windows) -> dict[str, Any]:
+    """Counts and the spread of the multipliers over the batch's patients (no patient's own values)."""
+    if found is None:
+        return {"enabled": False}
+    live = multipliers(found, windows.person_id, cutoffs(windows))
+    spread = {
+        name: [round(float(q), 3) for q in np.percentile(live[:, k], (10, 50, 90))] if len(live) else []
+        for k, name in enumerate(("carbohydrate", "insulin"))
+    }
+    return {
+        "enabled": True,
+        "method": "models.twin.personal",
+        "prior_sd": PRIOR_SD,
+        "patients_with_evidence": found.patients,
+        "multiplier_p10_p50_p90": spread,
+    }
+
+
+def _forecast(
+    model: TwinSurrogate, windows: Windows, calibration: Calibration, found: EffectEvidence | None
+) -> np.ndarray:
     """Calibrated quantiles, clipped to what a CGM sensor reports (39-600 mg/dL), as glucose forecasts are shown.
 
     The twin's dose responses are linear and can run past the body's floor within two hours. Clipping keeps the
     quantiles in order; the contract still catches what clipping cannot (NaN, missing horizons, unregistered
     versions).
     """
-    return np.clip(apply(predict(model, windows), calibration), *SENSOR_RANGE_MG_DL)
+    return np.clip(apply(_personal(model, windows, found), calibration), *SENSOR_RANGE_MG_DL)
 
 
 def _rows(windows: Windows, quantiles: np.ndarray, version: str) -> pl.DataFrame:
@@ -131,10 +176,13 @@ def site_predict(
     scenarios: list[str] | None = None,
     max_input_lag_min: float = 60.0,
     publish: bool = True,
+    personalize: bool = True,
 ) -> dict[str, Any]:
     """Forecast every patient of `site` with the registered twin, answer the what-ifs, validate, publish.
 
     With `publish` a passing batch is followed by a rebuild of the site's mart (and its share for the federation).
+    With `personalize` (the default) each patient's dose effects are calibrated on their own earlier records at the
+    site (`models.twin.personal`); without, every patient gets the shared model's answer.
     """
     logger = get_run_logger()
     started = time.perf_counter()
@@ -144,7 +192,7 @@ def site_predict(
     chosen = [scenario(s) for s in scenarios] if scenarios is not None else list(CATALOGUE)
     registered = load_model(federation_dir, model_version)
     inputs = features_version(store.features)  # before reading them: a concurrent ingest must not relabel the batch
-    batch = forecast_batch(registered, store, every_min, days, chosen)
+    batch = forecast_batch(registered, store, every_min, days, chosen, personalize)
     issued = datetime.now(UTC)
     batch_id = f"{issued:%Y%m%dT%H%M%SZ}-{registered.version}"
     frames = _finish(batch["frames"], site, batch_id, issued)
@@ -166,6 +214,7 @@ def site_predict(
         "windows": batch["windows"],
         "scenarios": [{"scenario_id": s.scenario_id, "description": s.description} for s in chosen],
         "calibration": _calibration_summary(batch["calibration"]),
+        "personalization": batch["personalization"],
         "contract": {
             "version": PREDICTION_CONTRACT_VERSION,
             "passed": not failed,

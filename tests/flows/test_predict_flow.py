@@ -25,7 +25,7 @@ from flows.ingest.mapping import mapping_for
 from flows.ingest.records import ingest_records
 from flows.predict_flow import PredictionContractFailed, read_batches, site_predict
 from flows.site_store import SiteStore, write_parquet_atomic
-from models.twin import Normalizer, TwinSurrogate, build_windows, fit_local, split_patients, window_moments
+from models.twin import Normalizer, TwinSurrogate, build_windows, fit_local, predict, split_patients, window_moments
 from models.twin.forecast import forecast_windows
 from models.twin.scenarios import CATALOGUE
 
@@ -63,6 +63,9 @@ def test_batch_has_every_patient_horizon_and_scenario(data_dir: Path, harness: N
     """Each forecast window gives 24 rows with version and cut-off; what-ifs only where the scenario applies."""
     summary = site_predict(SITE, data_dir=data_dir, every_min=60, days=1.0)
     assert summary["contract"]["passed"] and summary["model_version"] == "twin-0001"
+    personal = summary["personalization"]  # calibrated per patient by default; only counts and spreads recorded
+    assert personal["enabled"] and 1 <= personal["patients_with_evidence"] <= 8
+    assert set(personal) == {"enabled", "method", "prior_sd", "patients_with_evidence", "multiplier_p10_p50_p90"}
     folder = SiteStore.under(data_dir, SITE).root / "predictions" / summary["batch_id"]
     forecast = pl.read_parquet(folder / "forecast.parquet")
     whatif = pl.read_parquet(folder / "whatif.parquet")
@@ -102,14 +105,14 @@ def test_a_batch_failing_its_contract_is_quarantined_not_published(
     published = read_batches(data_dir, SITE)
     mart = SiteStore.under(data_dir, SITE).root / "mart" / "site.duckdb"
     mart_before = mart.read_bytes()
-    real_predict = predict_flow.predict
+    real_forecast = predict_flow._personal
 
-    def broken(model: TwinSurrogate, windows: object) -> np.ndarray:
-        out = real_predict(model, windows)  # type: ignore[arg-type]
+    def broken(model: TwinSurrogate, windows: object, found: object) -> np.ndarray:
+        out = real_forecast(model, windows, found)  # type: ignore[arg-type]
         out[0, 10, 1] = np.nan  # clipping to the sensor range cannot mend this
         return out
 
-    monkeypatch.setattr(predict_flow, "predict", broken)
+    monkeypatch.setattr(predict_flow, "_personal", broken)
     with pytest.raises(PredictionContractFailed, match="q50.plausible_range.*not published"):
         site_predict(SITE, data_dir=data_dir, every_min=60, days=1.0, scenarios=["bolus_plus_20"])
     assert read_batches(data_dir, SITE) == published and mart.read_bytes() == mart_before  # the old mart stays
@@ -121,6 +124,34 @@ def test_a_batch_failing_its_contract_is_quarantined_not_published(
     assert "between 20 and 600" in failed["forecast.q50.plausible_range"]["reason"]
     flags = pl.read_parquet(quarantined[0] / "forecast.flags.parquet")
     assert flags.height >= 1  # the offending rows are named
+
+
+def test_forecasts_use_each_patients_own_dose_effects_unless_told_not_to(data_dir: Path, harness: None) -> None:
+    """The same cut-offs with and without per-patient calibration: the medians differ.
+
+    Without it, the medians are the registered model's own forecast (its calibrated interval aside).
+    """
+    shared = site_predict(SITE, data_dir=data_dir, every_min=60, days=1.0, personalize=False, publish=False)
+    personal = site_predict(SITE, data_dir=data_dir, every_min=60, days=1.0, publish=False)
+    assert shared["personalization"] == {"enabled": False}
+    root = SiteStore.under(data_dir, SITE).root / "predictions"
+    frames = [pl.read_parquet(root / run["batch_id"] / "forecast.parquet") for run in (shared, personal)]
+    keys = ["person_id", "input_cutoff", "horizon_min"]
+    both = frames[0].join(frames[1], on=keys, suffix="_personal")
+    assert both.height == frames[0].height == frames[1].height
+    assert (both["q50"] - both["q50_personal"]).abs().max() > 0.1  # type: ignore[operator]
+    features = read_features(SiteStore.under(data_dir, SITE).features)
+    windows = forecast_windows(features, every_bins=12)
+    model = Registry(data_dir / "federation").latest().model()  # type: ignore[union-attr]
+    median = np.clip(predict(model, windows)[..., 1], 39.0, 600.0)
+    expected = pl.DataFrame({"person_id": np.repeat(windows.person_id, 24),
+                             "input_cutoff": np.repeat(windows.t0 + np.timedelta64(5, "m"), 24),
+                             "horizon_min": np.tile(np.arange(5, 121, 5), len(windows)).astype(np.int16),
+                             "expected": median.reshape(-1)})  # fmt: skip
+    expected = expected.with_columns(pl.col("input_cutoff").dt.replace_time_zone("UTC").dt.cast_time_unit("us"))
+    checked = frames[0].join(expected, on=keys)
+    assert checked.height == frames[0].height
+    np.testing.assert_allclose(checked["q50"], checked["expected"], rtol=1e-5)
 
 
 def test_an_unknown_model_version_is_a_clear_error(data_dir: Path, harness: None) -> None:
