@@ -71,10 +71,10 @@ def _whatif(d: dict[str, Any]) -> tuple[str, str, str]:
     tir = max(by[horizon]["tir"]["pearson_r"] for by in d["summary"].values())
     expected = max(s["horizons_min"][horizon]["tir_expected"]["pearson_r"] for s in d["scenarios"].values())
     ceiling = d["diagnosis"]["time_in_range_with_the_exact_effect_on_the_twin_level"]["best_pearson_r"]
-    measured = (f"r of the change in {horizon}-min mean glucose, twin vs simulator: "
+    measured = (f"r of the change in {horizon}-min mean glucose, twin (per-patient calibrated) vs simulator: "
                 + ", ".join(f"{k} {v:.2f}" for k, v in rs.items())
                 + f"; time in range r <= {tir:.2f} (expected TIR over the intervals <= {expected:.2f}; with the "
-                f"simulator's exact change on the twin's forecast <= {max(ceiling.values()):.2f})")  # fmt: skip
+                f"simulator's exact change on the twin's forecast <= {max(ceiling.values()):.3f})")  # fmt: skip
     return measured, f"r >= {d['target']['pearson_r_at_least']:g} every scenario", _met(d["met_target"])
 
 

@@ -529,7 +529,9 @@ def simulate_cases(sim: SiteSimulation, windows: Windows, plan: np.ndarray) -> S
 # --- the twin ------------------------------------------------------------------------------------------------------
 
 
-def twin_trajectories(model: Any, windows: Windows, plan: np.ndarray, *, keep_schedule: bool = True) -> np.ndarray:
+def twin_trajectories(
+    model: Any, windows: Windows, plan: np.ndarray, *, keep_schedule: bool = True, factors: np.ndarray | None = None
+) -> np.ndarray:
     """The twin's quantiles over 4 h, (n, PLAN_BINS, len(QUANTILES)): its 2-h forecast, then one rolled forward.
 
     The second window's history is the first forecast's median (as observed CGM) with the first 2 h of the plan as
@@ -541,10 +543,17 @@ def twin_trajectories(model: Any, windows: Windows, plan: np.ndarray, *, keep_sc
     temporary basal would become the new schedule and stop acting. With `keep_schedule`, the rolled history keeps
     the origin's schedule as its basal and carries the plan's deviation from it in the bolus channel: the twin adds
     basal and bolus into one insulin dose, so the doses are the same and only the reference is the origin's.
+
+    With `factors` ((n, 2) from `models.twin.personal.multipliers`), both forecasts use each patient's dose-effect
+    multipliers, as the prediction flow does; without, the shared model's answer.
     """
     from models.twin import predict
+    from models.twin.personal import personal_predict
 
-    first = predict(model, replace(windows, future_inputs=plan[:, :HORIZON_STEPS]))
+    def forecast(chosen: Windows) -> np.ndarray:
+        return predict(model, chosen) if factors is None else personal_predict(model, chosen, factors)
+
+    first = forecast(replace(windows, future_inputs=plan[:, :HORIZON_STEPS]))
     median = first[..., MEDIAN]
     inputs = plan[:, :HORIZON_STEPS].astype(np.float32, copy=True)
     if keep_schedule:
@@ -561,7 +570,7 @@ def twin_trajectories(model: Any, windows: Windows, plan: np.ndarray, *, keep_sc
         person_id=windows.person_id,
         t0=windows.t0 + np.timedelta64(HORIZON_STEPS * BIN_MIN, "m"),
     )
-    second = predict(model, rolled)
+    second = forecast(rolled)
     carried = np.abs(first[:, -1:, :] - median[:, -1:, None])  # (n, 1, quantiles): half-widths at 2 h
     offset = second - second[..., MEDIAN : MEDIAN + 1]
     side = np.sign(np.asarray(QUANTILES) - 0.5)  # -1 below the median, +1 above, 0 for the median itself
@@ -641,13 +650,17 @@ def twin_source_digest() -> str:
 # --- scoring -------------------------------------------------------------------------------------------------------
 
 
-def score(cases: Sequence[SiteCases], model: Any) -> dict[str, Any]:
-    """Per scenario and horizon: the twin's predicted changes against the simulator's, and the effect by minute."""
+def score(cases: Sequence[SiteCases], model: Any, factors: np.ndarray | None = None) -> dict[str, Any]:
+    """Per scenario and horizon: the twin's predicted changes against the simulator's, and the effect by minute.
+
+    `factors` ((n, 2), rows as the cases' windows concatenated) are per-patient dose-effect multipliers; None scores
+    the shared model.
+    """
     windows = _concat_windows([c.windows for c in cases])
     plan = np.concatenate([c.plan for c in cases])
     site = np.concatenate([np.full(len(c.windows), c.site) for c in cases])
     sim_factual = np.concatenate([c.sim_factual for c in cases])
-    twin_factual = twin_trajectories(model, windows, plan)
+    twin_factual = twin_trajectories(model, windows, plan, factors=factors)
     out: dict[str, Any] = {}
     for scenario in CATALOGUE:
         sid = scenario.scenario_id
@@ -655,7 +668,8 @@ def score(cases: Sequence[SiteCases], model: Any) -> dict[str, Any]:
         compared = ~np.isnan(sim_scenario).any(axis=1)
         altered, _ = scenario_plan(windows, plan, scenario)
         chosen = windows.select(np.flatnonzero(compared))
-        twin_scenario = twin_trajectories(model, chosen, altered[compared])
+        compared_factors = None if factors is None else factors[compared]
+        twin_scenario = twin_trajectories(model, chosen, altered[compared], factors=compared_factors)
         sim_before, sim_after, twin_before = sim_factual[compared], sim_scenario[compared], twin_factual[compared]
         sim_delta, twin_delta = sim_after - sim_before, (twin_scenario - twin_before)[..., MEDIAN]
         feedback = np.concatenate([c.bolus_feedback[sid] for c in cases])[compared]
@@ -712,8 +726,10 @@ def score(cases: Sequence[SiteCases], model: Any) -> dict[str, Any]:
             "met": {q: _r_or_worst(issue[q].get("pearson_r")) >= TARGET_CORRELATION for q in QUANTITIES},
         }
         if scenario.basal_factor != 1.0:  # what the roll-forward would say without keeping the origin's schedule
-            naive = twin_trajectories(model, chosen, altered[compared], keep_schedule=False)
-            naive_before = twin_trajectories(model, chosen, plan[compared], keep_schedule=False)
+            naive, naive_before = (
+                twin_trajectories(model, chosen, p[compared], keep_schedule=False, factors=compared_factors)
+                for p in (altered, plan)
+            )
             out[sid]["rollout_without_kept_schedule_240"] = _horizon_metrics(
                 sim_before, sim_after, naive_before, naive, ISSUE_HORIZON_MIN
             )["mean_glucose"]
@@ -863,13 +879,15 @@ def _effect_by_minute(sim_delta: np.ndarray, twin_delta: np.ndarray) -> dict[str
     return out
 
 
-def baseline_accuracy(cases: Sequence[SiteCases], model: Any) -> dict[str, float]:
+def baseline_accuracy(cases: Sequence[SiteCases], model: Any, factors: np.ndarray | None = None) -> dict[str, float]:
     """RMSE (mg/dL) of the twin's median under the recorded plan against the simulator's true glucose, by minute."""
     windows = _concat_windows([c.windows for c in cases])
     plan = np.concatenate([c.plan for c in cases])
     truth = np.concatenate([c.sim_factual for c in cases])
     known = ~np.isnan(truth).any(axis=1)
-    error = twin_trajectories(model, windows.select(np.flatnonzero(known)), plan[known])[..., MEDIAN] - truth[known]
+    chosen = None if factors is None else factors[known]
+    path = twin_trajectories(model, windows.select(np.flatnonzero(known)), plan[known], factors=chosen)
+    error = path[..., MEDIAN] - truth[known]
     return {str(m): _round(np.sqrt((error[:, m // BIN_MIN - 1] ** 2).mean()), 2) for m in PROBE_MIN}
 
 
@@ -1163,8 +1181,11 @@ def main() -> None:
 
     clock = time.perf_counter()
     with torch.no_grad():
-        scenarios = score(cases, model)
-        accuracy = baseline_accuracy(cases, model)
+        factors, personal = patient_factors(data_dir, cases, model)
+        scenarios = score(cases, model, factors)
+        accuracy = baseline_accuracy(cases, model, factors)
+        shared = score(cases, model)
+        shared_accuracy = baseline_accuracy(cases, model)
     timings["twin_forecasts_and_scoring"] = round(time.perf_counter() - clock, 1)
     timings["total"] = round(time.perf_counter() - started, 1)
 
@@ -1180,20 +1201,10 @@ def main() -> None:
         "issue_number": f"horizons_min['{ISSUE_HORIZON_MIN}'] (4 h: the twin's 2-h forecast rolled forward once); "
         "horizons_min['120'] is the twin's own 2-h horizon",
         "met_target": met,
-        "summary": {
-            sid: {
-                f"{minutes}": {
-                    q: {
-                        k: s["horizons_min"][str(minutes)][q].get(k)
-                        for k in ("n", "pearson_r", "mae", "effect_size_ratio")
-                    }
-                    for q in QUANTITIES
-                }
-                for minutes in HORIZONS_MIN
-            }
-            for sid, s in scenarios.items()
-        },
-        "twin": twin,
+        "summary": _summary(scenarios),
+        "twin": {**twin, "per_patient_calibration": personal},
+        "summary_shared_model_without_per_patient_calibration": _summary(shared),
+        "twin_forecast_rmse_vs_simulator_recorded_plan_mg_dl_shared_model": shared_accuracy,
         "scenarios": scenarios,
         "twin_forecast_rmse_vs_simulator_recorded_plan_mg_dl": accuracy,
         "mapping": {"per_scenario": MAPPING_NOTES, "differences_kept": DIFFERENCES_KEPT},
@@ -1221,6 +1232,49 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({"met_target": met, "summary": result["summary"], "timings_seconds": timings}, indent=2))
+
+
+def _summary(scenarios: Mapping[str, Any]) -> dict[str, Any]:
+    """Per scenario and horizon: n, correlation, MAE and effect-size ratio of mean glucose and time in range."""
+    keys = ("n", "pearson_r", "mae", "effect_size_ratio")
+    return {
+        sid: {
+            f"{m}": {q: {k: s["horizons_min"][str(m)][q].get(k) for k in keys} for q in QUANTITIES}
+            for m in HORIZONS_MIN
+        }
+        for sid, s in scenarios.items()
+    }
+
+
+def patient_factors(data_dir: Path, cases: Sequence[SiteCases], model: Any) -> tuple[np.ndarray, dict[str, Any]]:
+    """Each compared window's per-patient dose-effect multipliers, as the prediction flow computes them.
+
+    The evidence is every window of the site's test patients (`build_windows`, stride 3: the CGM the site recorded,
+    never the simulator's glucose), and a window counts for an origin only if its targets ended by the origin's
+    cut-off (`models.twin.personal`). Returns the factors (rows as the cases' windows concatenated) and a summary.
+    """
+    from flows.features import read_features
+    from models.twin import build_windows, split_patients
+    from models.twin.personal import MULTIPLIER_RANGE, PRIOR_SD, cutoffs, evidence, multipliers
+
+    parts = []
+    for case in cases:
+        test = split_patients(build_windows(read_features(data_dir / "sites" / case.site / "features"))).test
+        found = evidence(model, test)
+        parts.append(multipliers(found, case.windows.person_id, cutoffs(case.windows)))
+    factors = np.concatenate(parts) if parts else np.ones((0, 2))
+    quantiles = {
+        name: [_round(q, 3) for q in np.percentile(factors[:, k], (10, 50, 90))] if len(factors) else []
+        for k, name in enumerate(("carbohydrate", "insulin"))
+    }
+    summary = {
+        "method": "models.twin.personal: ridge multipliers of the twin's carbohydrate and insulin effects per "
+        "patient, from the patient's own windows ended by each cut-off",
+        "prior_sd": PRIOR_SD,
+        "multiplier_range": list(MULTIPLIER_RANGE),
+        "multiplier_p10_p50_p90": quantiles,
+    }
+    return factors, summary
 
 
 def site_cases(data_dir: Path, cache_dir: Path, site: str, *, reuse: bool) -> SiteCases:
