@@ -12,6 +12,7 @@ from models.twin.personal import (
     cutoffs,
     evidence,
     multipliers,
+    overlap,
     personal_predict,
     predict_parts,
 )
@@ -76,18 +77,37 @@ def test_multipliers_recover_each_patients_own_effect_sizes() -> None:
     assert np.linalg.norm(few[0] - 1.0) < np.linalg.norm(np.array(own[7]) - 1.0)
 
 
-def test_a_forecast_never_sees_windows_that_end_after_its_cut_off() -> None:
+def test_a_forecast_uses_exactly_the_windows_ended_by_its_cut_off() -> None:
+    """Windows every 5 minutes: at window k's cut-off, windows 0..k-24 have ended and count; k-23 does not.
+
+    Window k-24's last target bin ends exactly at the cut-off; window k-23's ends one bin later.
+    """
     model = twin()
-    windows = with_own_effects(model, meal_windows([3], 40), {3: (2.0, 2.0)})
+    windows = with_own_effects(model, meal_windows([3], 80), {3: (2.0, 0.5)})
+    windows = Windows(**{**windows.__dict__, "t0": windows.t0[0] + np.arange(80) * np.timedelta64(5, "m")})
     found = evidence(model, windows)
-    as_of = cutoffs(windows)
-    first = multipliers(found, np.full(40, 3), as_of)
-    np.testing.assert_allclose(first[0], [1.0, 1.0])  # nothing had ended at the first cut-off
-    changed = windows.target.copy()
-    changed[20:] += 50.0  # later records change
-    later = multipliers(evidence(model, Windows(**{**windows.__dict__, "target": changed})), np.full(40, 3), as_of)
-    np.testing.assert_allclose(later[:21], first[:21])  # window 20 ends after the 21st cut-off: it is not used
-    assert not np.allclose(later[21:], first[21:])
+    k = 60
+    at_k = multipliers(found, np.array([3]), cutoffs(windows)[k : k + 1])
+    ended = evidence(model, windows.select(np.arange(k - 23)))  # windows 0..k-24
+    far = np.array([np.datetime64("2030-01-01", "ms")])
+    np.testing.assert_allclose(at_k, multipliers(ended, np.array([3]), far))
+    assert not np.allclose(at_k, [[1.0, 1.0]])  # they moved the fit
+    one_more = evidence(model, windows.select(np.arange(k - 22)))  # with window k-23, which has not ended
+    assert not np.allclose(at_k, multipliers(one_more, np.array([3]), far))
+    np.testing.assert_allclose(multipliers(found, np.full(24, 3), cutoffs(windows)[:24]), np.ones((24, 2)))
+
+
+def test_overlapping_windows_count_each_target_bin_once() -> None:
+    """Windows 5 minutes apart share 23 of 24 target bins: their sums weigh 1/24; 2 h apart, 1."""
+    model = twin()
+    dense = meal_windows([3], 30)
+    dense = Windows(**{**dense.__dict__, "t0": dense.t0[0] + np.arange(30) * np.timedelta64(5, "m")})
+    assert overlap(dense) == pytest.approx(1 / HORIZON_STEPS)
+    assert overlap(meal_windows([3, 4], 10)) == 1.0
+    target = with_own_effects(model, dense, {3: (2.0, 2.0)})
+    weighted = evidence(model, target).xx
+    full = evidence(model, Windows(**{**target.__dict__, "t0": meal_windows([3], 30).t0})).xx
+    np.testing.assert_allclose(weighted * HORIZON_STEPS, full, rtol=1e-9)
 
 
 def test_personal_forecasts_keep_the_physiological_sign_and_ones_change_nothing() -> None:
@@ -96,7 +116,8 @@ def test_personal_forecasts_keep_the_physiological_sign_and_ones_change_nothing(
     np.testing.assert_allclose(personal_predict(model, windows, np.ones((30, 2))), predict(model, windows))
     found = evidence(model, with_own_effects(model, windows, {5: (-3.0, -3.0)}))  # a fit that would flip signs
     factors = multipliers(found, np.full(30, 5), np.full(30, np.datetime64("2027-01-01", "ms")))
-    assert (factors >= MULTIPLIER_RANGE[0]).all() and (factors <= MULTIPLIER_RANGE[1]).all()
+    assert (factors >= MULTIPLIER_RANGE[0]).all()  # never below the floor: the effects keep their sign
+    np.testing.assert_allclose(factors[:, 0], MULTIPLIER_RANGE[0])  # the well-measured carbohydrate fit is held there
     more_insulin = windows.future_inputs.copy()
     more_insulin[..., 1] *= 1.2
     plain = personal_predict(model, windows, factors)
