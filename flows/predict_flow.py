@@ -43,6 +43,7 @@ from models.twin.scenarios import CATALOGUE, Scenario, apply_scenario, scenario
 BIN_MIN = 5
 HORIZONS = np.arange(1, 25) * BIN_MIN  # minutes after the origin bin's start: target bins 1..24
 SENSOR_RANGE_MG_DL = (39.0, 600.0)  # what CGM sensors report (the harmonized contract's CGM range too)
+MIN_PATIENTS_FOR_SPREAD = 11  # batch.json gives the multipliers' spread only over at least this many patients
 
 
 class PredictionContractFailed(RuntimeError):
@@ -80,17 +81,19 @@ def forecast_batch(
     recorded = build_windows(features)
     found = evidence(model, recorded) if personalize else None
     calibration_windows = split_patients(recorded).calibration
-    calibration = calibrate(_personal(model, calibration_windows, found), calibration_windows.target, alpha=0.1)
+    raw = _personal(model, calibration_windows, _factors(found, calibration_windows))
+    calibration = calibrate(raw, calibration_windows.target, alpha=0.1)
     last_ms = int(features.grid["bin_start"].dt.epoch("ms").max() or 0)  # type: ignore[arg-type]
     since = np.datetime64(last_ms - int(days * 86_400_000), "ms")
     windows = forecast_windows(features, every_bins=max(every_min // BIN_MIN, 1), since=since)
-    baseline = _forecast(model, windows, calibration, found)
+    factors = _factors(found, windows)
+    baseline = _forecast(model, windows, calibration, factors)
     frames = {"forecast": _rows(windows, baseline, registered.version)}
     whatifs = []
     for chosen in scenarios:
         changed, applies = apply_scenario(windows, chosen)
         subset = changed.select(np.flatnonzero(applies))
-        answer = _forecast(model, subset, calibration, found)
+        answer = _forecast(model, subset, calibration, None if factors is None else factors[applies])
         rows = _rows(subset, answer, registered.version).with_columns(
             pl.lit(chosen.scenario_id).alias("scenario_id"),
             pl.Series("baseline_q50", baseline[applies][:, :, 1].reshape(-1)),
@@ -101,37 +104,46 @@ def forecast_batch(
         "frames": frames,
         "calibration": calibration,
         "windows": len(windows),
-        "personalization": _personalization_summary(found, windows),
+        "personalization": _personalization_summary(found, windows, factors),
     }
 
 
-def _personal(model: TwinSurrogate, windows: Windows, found: EffectEvidence | None) -> np.ndarray:
-    """Raw quantiles: the shared model's, or with each patient's dose-effect multipliers as of each cut-off."""
-    if found is None:
-        return predict(model, windows)
-    return personal_predict(model, windows, multipliers(found, windows.person_id, cutoffs(windows)))
+def _factors(found: EffectEvidence | None, windows: Windows) -> np.ndarray | None:
+    """Each window's patient multipliers as of its cut-off (None: the shared model)."""
+    return None if found is None else multipliers(found, windows.person_id, cutoffs(windows))
 
 
-def _personalization_summary(found: EffectEvidence | None, windows: Windows) -> dict[str, Any]:
-    """Counts and the spread of the multipliers over the batch's patients (no patient's own values)."""
-    if found is None:
+def _personal(model: TwinSurrogate, windows: Windows, factors: np.ndarray | None) -> np.ndarray:
+    """Raw quantiles: the shared model's, or with each window's patient multipliers."""
+    return predict(model, windows) if factors is None else personal_predict(model, windows, factors)
+
+
+def _personalization_summary(
+    found: EffectEvidence | None, windows: Windows, factors: np.ndarray | None
+) -> dict[str, Any]:
+    """Counts, and the spread of the patients' live multipliers when enough patients hide each one's own value."""
+    if found is None or factors is None:
         return {"enabled": False}
-    live = multipliers(found, windows.person_id, cutoffs(windows))
-    spread = {
-        name: [round(float(q), 3) for q in np.percentile(live[:, k], (10, 50, 90))] if len(live) else []
-        for k, name in enumerate(("carbohydrate", "insulin"))
-    }
-    return {
+    summary: dict[str, Any] = {
         "enabled": True,
         "method": "models.twin.personal",
         "prior_sd": PRIOR_SD,
         "patients_with_evidence": found.patients,
-        "multiplier_p10_p50_p90": spread,
     }
+    latest = np.lexsort((windows.t0, windows.person_id))  # each patient's newest cut-off is their live forecast
+    last = (
+        latest[np.r_[windows.person_id[latest][1:] != windows.person_id[latest][:-1], True]] if len(latest) else latest
+    )
+    if len(last) >= MIN_PATIENTS_FOR_SPREAD:
+        summary["live_multiplier_p10_p50_p90"] = {
+            name: [round(float(q), 3) for q in np.percentile(factors[last, k], (10, 50, 90))]
+            for k, name in enumerate(("carbohydrate", "insulin"))
+        }
+    return summary
 
 
 def _forecast(
-    model: TwinSurrogate, windows: Windows, calibration: Calibration, found: EffectEvidence | None
+    model: TwinSurrogate, windows: Windows, calibration: Calibration, factors: np.ndarray | None
 ) -> np.ndarray:
     """Calibrated quantiles, clipped to what a CGM sensor reports (39-600 mg/dL), as glucose forecasts are shown.
 
@@ -139,7 +151,7 @@ def _forecast(
     quantiles in order; the contract still catches what clipping cannot (NaN, missing horizons, unregistered
     versions).
     """
-    return np.clip(apply(_personal(model, windows, found), calibration), *SENSOR_RANGE_MG_DL)
+    return np.clip(apply(_personal(model, windows, factors), calibration), *SENSOR_RANGE_MG_DL)
 
 
 def _rows(windows: Windows, quantiles: np.ndarray, version: str) -> pl.DataFrame:

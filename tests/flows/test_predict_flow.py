@@ -65,7 +65,7 @@ def test_batch_has_every_patient_horizon_and_scenario(data_dir: Path, harness: N
     assert summary["contract"]["passed"] and summary["model_version"] == "twin-0001"
     personal = summary["personalization"]  # calibrated per patient by default; only counts and spreads recorded
     assert personal["enabled"] and 1 <= personal["patients_with_evidence"] <= 8
-    assert set(personal) == {"enabled", "method", "prior_sd", "patients_with_evidence", "multiplier_p10_p50_p90"}
+    assert set(personal) == {"enabled", "method", "prior_sd", "patients_with_evidence"}  # 8 patients: no spread
     folder = SiteStore.under(data_dir, SITE).root / "predictions" / summary["batch_id"]
     forecast = pl.read_parquet(folder / "forecast.parquet")
     whatif = pl.read_parquet(folder / "whatif.parquet")
@@ -107,8 +107,8 @@ def test_a_batch_failing_its_contract_is_quarantined_not_published(
     mart_before = mart.read_bytes()
     real_forecast = predict_flow._personal
 
-    def broken(model: TwinSurrogate, windows: object, found: object) -> np.ndarray:
-        out = real_forecast(model, windows, found)  # type: ignore[arg-type]
+    def broken(model: TwinSurrogate, windows: object, factors: object) -> np.ndarray:
+        out = real_forecast(model, windows, factors)  # type: ignore[arg-type]
         out[0, 10, 1] = np.nan  # clipping to the sensor range cannot mend this
         return out
 
