@@ -1249,18 +1249,18 @@ def _summary(scenarios: Mapping[str, Any]) -> dict[str, Any]:
 def patient_factors(data_dir: Path, cases: Sequence[SiteCases], model: Any) -> tuple[np.ndarray, dict[str, Any]]:
     """Each compared window's per-patient dose-effect multipliers, as the prediction flow computes them.
 
-    The evidence is every window of the site's test patients (`build_windows`, stride 3: the CGM the site recorded,
-    never the simulator's glucose), and a window counts for an origin only if its targets ended by the origin's
-    cut-off (`models.twin.personal`). Returns the factors (rows as the cases' windows concatenated) and a summary.
+    The evidence is every window of the site (`build_windows`, stride 3: the CGM the site recorded, never the
+    simulator's glucose), as in the prediction flow, and a window counts for an origin only if its targets ended by
+    the origin's cut-off (`models.twin.personal`). Returns the factors (rows as the cases' windows concatenated)
+    and a summary.
     """
     from flows.features import read_features
-    from models.twin import build_windows, split_patients
+    from models.twin import build_windows
     from models.twin.personal import MULTIPLIER_RANGE, PRIOR_SD, cutoffs, evidence, multipliers
 
     parts = []
     for case in cases:
-        test = split_patients(build_windows(read_features(data_dir / "sites" / case.site / "features"))).test
-        found = evidence(model, test)
+        found = evidence(model, build_windows(read_features(data_dir / "sites" / case.site / "features")))
         parts.append(multipliers(found, case.windows.person_id, cutoffs(case.windows)))
     factors = np.concatenate(parts) if parts else np.ones((0, 2))
     quantiles = {
