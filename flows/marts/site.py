@@ -117,7 +117,7 @@ def build_site_mart(data_dir: Path, site_id: str) -> SiteMartSummary:
     if not layout.store.harmonized.is_dir():
         raise MartBuildError(f"{layout.store.harmonized}: no harmonized tables; run `twinfed ingest {site_id}` first")
     started = time.perf_counter()
-    built_at = datetime.now(UTC).replace(microsecond=0)
+    built_at = datetime.now(UTC)  # to the microsecond: a batch issued just before must read as older (pipeline)
     token = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
     staged: dict[str, Path] = {}
     outcome: dict[str, Any] = {}

@@ -11,7 +11,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import duckdb
@@ -220,6 +220,18 @@ def test_forecasts_are_scored_against_their_target_bin(built: Built) -> None:
     paired = at30.filter(pl.col("persistence").is_not_null())
     persistence = (paired["persistence"] - paired["observed"]).to_numpy()
     assert accuracy["persistence_rmse_mg_dl"][0] == pytest.approx(math.sqrt(np.mean(persistence**2)))
+
+
+def test_a_mart_built_after_a_batch_records_a_later_time_than_the_batch(tmp_path: Path) -> None:
+    """built_at keeps its microseconds: a batch issued in the same second, just before the build, is not newer.
+
+    (Truncated to the second it was, and `twinfed run` then took a mart built right after its batch as stale.)
+    """
+    layout = small_site(tmp_path)
+    issued = datetime.now(UTC)
+    build_site_mart(tmp_path, "tiny")
+    built = datetime.fromisoformat(json.loads((layout.share / "manifest.json").read_text())["built_at"])
+    assert built >= issued
 
 
 def test_whatif_per_patient_is_the_expected_time_in_range_of_the_batch_files(built: Built) -> None:
