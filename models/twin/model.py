@@ -272,20 +272,31 @@ def _batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[to
     yield from order.split(batch_size)
 
 
-@torch.no_grad()
 def predict(model: TwinSurrogate, windows: Windows, *, batch_size: int = 4096) -> np.ndarray:
     """Quantile forecasts (n, HORIZON_STEPS, len(QUANTILES)) in mg/dL, float64."""
+    return predict_parts(model, windows, batch_size=batch_size)[0]
+
+
+@torch.no_grad()
+def predict_parts(
+    model: TwinSurrogate, windows: Windows, *, batch_size: int = 4096
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`TwinSurrogate.parts` in eval mode and in batches, as float64 arrays in mg/dL.
+
+    The quantiles (n, HORIZON_STEPS, len(QUANTILES)), and the carbohydrate and insulin effects (n, HORIZON_STEPS).
+    """
     history, future_inputs, static, _ = window_tensors(windows)
     was_training = model.training
     model.eval()
     parts = [
-        model(history[i : i + batch_size], future_inputs[i : i + batch_size], static[i : i + batch_size])
+        model.parts(history[i : i + batch_size], future_inputs[i : i + batch_size], static[i : i + batch_size])
         for i in range(0, len(windows), batch_size)
     ]
     model.train(was_training)
     if not parts:
-        return np.zeros((0, HORIZON_STEPS, len(QUANTILES)))
-    return torch.cat(parts).double().numpy()
+        return np.zeros((0, HORIZON_STEPS, len(QUANTILES))), np.zeros((0, HORIZON_STEPS)), np.zeros((0, HORIZON_STEPS))
+    quantiles, carbs, insulin = (torch.cat([p[k] for p in parts]).double().numpy() for k in range(3))
+    return quantiles, carbs, insulin
 
 
 def state_arrays(model: nn.Module) -> list[np.ndarray]:

@@ -34,31 +34,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
-from models.twin.model import TwinSurrogate, window_tensors
+from models.twin.model import TwinSurrogate, predict_parts
 from models.twin.windows import HORIZON_STEPS, QUANTILES, Windows
 
 BIN_MS = 5 * 60_000
 PRIOR_SD = 0.5  # how far a patient's multiplier is expected to lie from the shared model's 1, a priori
 MULTIPLIER_RANGE = (0.2, 5.0)
 MEDIAN = QUANTILES.index(0.5)
-
-
-@torch.no_grad()
-def predict_parts(model: TwinSurrogate, windows: Windows, *, batch_size: int = 4096) -> tuple[np.ndarray, ...]:
-    """The quantiles (n, HORIZON_STEPS, len(QUANTILES)) and the carbohydrate and insulin effects (n, HORIZON_STEPS)."""
-    history, future_inputs, static, _ = window_tensors(windows)
-    was_training = model.training
-    model.eval()
-    parts = [
-        model.parts(history[i : i + batch_size], future_inputs[i : i + batch_size], static[i : i + batch_size])
-        for i in range(0, len(windows), batch_size)
-    ]
-    model.train(was_training)
-    if not parts:
-        return np.zeros((0, HORIZON_STEPS, len(QUANTILES))), np.zeros((0, HORIZON_STEPS)), np.zeros((0, HORIZON_STEPS))
-    return tuple(torch.cat([p[k] for p in parts]).double().numpy() for k in range(3))
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from models.twin import HISTORY_STEPS, HORIZON_STEPS, Normalizer, TwinSurrogate, Windows, predict
+from models.twin.model import predict_parts
 from models.twin.personal import (
     MULTIPLIER_RANGE,
     cutoffs,
@@ -14,7 +15,6 @@ from models.twin.personal import (
     multipliers,
     overlap,
     personal_predict,
-    predict_parts,
 )
 from models.twin.windows import NORMALIZED, STATIC_CHANNELS
 
